@@ -1,0 +1,136 @@
+"""Reference checkpoints: a state dict with the reference layout loads, and our model computes
+what the reference architecture computes with those weights (an independent functional forward
+written here from the layout)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from iam_train.models import CheckpointError, load_reference_filling, load_reference_prm
+from iam_train.models.filling import normalise_kernels
+
+from .conftest import shared_path
+
+
+def random_state(layout: dict, seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, shape in layout.items():
+        if key.endswith("num_batches_tracked"):
+            state[key] = torch.tensor(7)
+        elif key.endswith("running_var"):
+            state[key] = torch.rand(shape, generator=g) + 0.5
+        elif key.endswith(".weight") and len(shape) == 1:  # BatchNorm gamma
+            state[key] = torch.rand(shape, generator=g) + 0.5
+        else:
+            fan_in = max(1, int(torch.tensor(shape[1:]).prod())) if len(shape) > 1 else 1
+            state[key] = torch.randn(shape, generator=g) / fan_in**0.5
+    return state
+
+
+def bn(x, s, p):
+    return F.batch_norm(x, s[p + ".running_mean"], s[p + ".running_var"], s[p + ".weight"], s[p + ".bias"], False, 0.0, 1e-5)
+
+
+def reference_prm_forward(s: dict, x: torch.Tensor):
+    """ResNet-50 FCN written from the reference key layout."""
+    x = F.relu(bn(F.conv2d(x, s["0.res_block1.0.weight"], stride=2, padding=3), s, "0.res_block1.1"))
+    x = F.max_pool2d(x, 3, 2, 1)
+    feats = []
+    for block_idx, first_stride in zip(range(2, 6), (1, 2, 2, 2)):
+        i = 0
+        while f"0.res_block{block_idx}.{i}.conv1.weight" in s:
+            p = f"0.res_block{block_idx}.{i}"
+            stride = first_stride if i == 0 else 1
+            out = F.relu(bn(F.conv2d(x, s[p + ".conv1.weight"]), s, p + ".bn1"))
+            out = F.relu(bn(F.conv2d(out, s[p + ".conv2.weight"], stride=stride, padding=1), s, p + ".bn2"))
+            out = bn(F.conv2d(out, s[p + ".conv3.weight"]), s, p + ".bn3")
+            short = bn(F.conv2d(x, s[p + ".downsample.0.weight"], stride=stride), s, p + ".downsample.1") if i == 0 else x
+            x = F.relu(out + short)
+            i += 1
+        feats.append(x)
+    crm = F.conv2d(x, s["0.classifier.0.weight"], s["0.classifier.0.bias"])
+    return crm, feats[:3]
+
+
+def reference_filling_forward(s: dict, prm, c2, c3, c4, steps):
+    def cbn(x, p, padding):
+        return bn(F.conv2d(x, s[p + ".0.weight"], s[p + ".0.bias"], padding=padding), s, p + ".1")
+
+    up = lambda a, b: F.interpolate(a, size=b.shape[-2:], mode="bilinear", align_corners=False) + b  # noqa: E731
+    p4 = F.conv2d(c4, s["feature_pyramid.toplayer.weight"], s["feature_pyramid.toplayer.bias"])
+    p3 = cbn(up(p4, cbn(c3, "feature_pyramid.latlayer3", 0)), "feature_pyramid.smooth3", 1)
+    p2 = F.relu(cbn(up(p3, cbn(c2, "feature_pyramid.latlayer2", 0)), "feature_pyramid.smooth2", 1))
+    n, _, h, w = p2.shape
+    weight = normalise_kernels(p2, 16)
+    x = prm.unsqueeze(1)
+    for name in ("encode.encode1", "encode.encode2"):
+        x = F.max_pool2d(F.relu(cbn(x, name, 1)), 2)
+    unfold_w = weight.view(1, 144, h * w)
+    for _ in range(steps):  # the reference's unfold formulation
+        cols = F.unfold(x, 3, padding=1) * unfold_w
+        x = cols.view(x.shape[0], 16, 9, h, w).sum(2)
+
+    def dbn(x, p):
+        return bn(F.conv_transpose2d(x, s[p + ".0.weight"], s[p + ".0.bias"], padding=1), s, p + ".1")
+
+    x = F.relu(dbn(x, "decode.decode1"))
+    x = F.relu(dbn(F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True), "decode.decode2"))
+    x = torch.sigmoid(dbn(F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True), "decode.decode3"))
+    return x.squeeze(1)
+
+
+@pytest.fixture(scope="module")
+def layout():
+    return json.loads(shared_path("reference-checkpoint-layout.json").read_text())
+
+
+def test_prm_checkpoint_loads_and_matches_reference_forward(layout):
+    state = random_state(layout["prm"], 0)
+    model = load_reference_prm({"arch": "resnet50", "epoch": 20, "state_dict": state})
+    x = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():
+        out = model(x)
+        crm, (c2, c3, c4) = reference_prm_forward(state, x)
+    assert out.crm.shape == (1, 20, 3, 3)
+    torch.testing.assert_close(out.crm, crm, rtol=1e-4, atol=1e-4)
+    for ours, ref in zip((out.c2, out.c3, out.c4), (c2, c3, c4)):
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_filling_checkpoint_loads_and_matches_reference_forward(layout):
+    state = random_state(layout["filling"], 1)
+    model = load_reference_filling({"state_dict": state}, steps=6)
+    g = torch.Generator().manual_seed(2)
+    c2, c3, c4 = (torch.randn(1, c, s, s, generator=g) for c, s in ((256, 16), (512, 8), (1024, 4)))
+    prm = torch.rand(2, 64, 64, generator=g)
+    with torch.no_grad():
+        ours = model(prm, model.affinity_kernels(c2, c3, c4))
+        ref = reference_filling_forward(state, prm, c2, c3, c4, steps=6)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_wrong_or_missing_keys_are_named(layout):
+    state = random_state(layout["prm"], 0)
+    state["0.res_block9.extra.weight"] = torch.zeros(1)
+    with pytest.raises(CheckpointError, match=r"unknown keys \['0\.res_block9\.extra\.weight'\]"):
+        load_reference_prm(state)
+    state = random_state(layout["filling"], 0)
+    del state["decode.decode3.1.running_var"]
+    with pytest.raises(CheckpointError, match="decode.decode3.1.running_var"):
+        load_reference_filling(state)
+
+
+def test_wrong_shape_and_unreadable_file_are_clear_errors(layout, tmp_path):
+    state = random_state(layout["prm"], 0)
+    state["0.res_block2.0.conv1.weight"] = torch.zeros(64, 64, 3, 3)
+    with pytest.raises(CheckpointError, match="layer1.0.conv1.weight"):
+        load_reference_prm(state)
+    bad = tmp_path / "model_prm_latest.pth.tar"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
+        load_reference_prm(bad)
