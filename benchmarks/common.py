@@ -1,0 +1,49 @@
+"""Timing helpers shared by the benchmarks."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+
+def time_call(fn: Callable[[], object], repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Run ``fn`` ``warmup`` times untimed, then ``repeats`` times: seconds as median/p90/min."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    samples.sort()
+    return {
+        "median_s": statistics.median(samples),
+        "p90_s": samples[min(len(samples) - 1, int(round(0.9 * (len(samples) - 1))))],
+        "min_s": samples[0],
+        "repeats": repeats,
+    }
+
+
+def machine_info() -> dict[str, object]:
+    info: dict[str, object] = {"python": platform.python_version(), "cpus": os.cpu_count(), "machine": platform.machine()}
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["torch_threads"] = torch.get_num_threads()
+        info["cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except ImportError:
+        pass
+    return info
+
+
+def write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, path)
