@@ -36,9 +36,7 @@ def decode_mask(entry: dict) -> np.ndarray:
     starts, lengths = runs[:, 0] - 1, runs[:, 1]
     if len(runs) and (starts.min() < 0 or (starts + lengths).max() > h * w):
         raise ValueError(f"runs fall outside a {h}x{w} mask")
-    delta = np.zeros(h * w + 1, dtype=np.int32)
-    np.add.at(delta, starts, 1)
-    np.add.at(delta, starts + lengths, -1)
+    delta = np.bincount(starts, minlength=h * w + 1) - np.bincount(starts + lengths, minlength=h * w + 1)
     return (np.cumsum(delta[:-1]) > 0).reshape(h, w)
 
 

@@ -3,11 +3,11 @@
 from .backbone import ARCHS, BackboneOutput, ResNetFCN
 from .filling import InstanceExtentFilling, propagate_affinity
 from .peak_backprop import PeakBackprop, reference_peak_response_maps
-from .peaks import Peaks, find_peaks, peak_stimulated_scores
+from .peaks import Peaks, find_peaks, peak_input_coordinates, peak_stimulated_scores
 from .reference_checkpoint import CheckpointError, load_reference_filling, load_reference_prm
 
 __all__ = [
     "ARCHS", "BackboneOutput", "CheckpointError", "InstanceExtentFilling", "PeakBackprop", "Peaks",
-    "ResNetFCN", "find_peaks", "load_reference_filling", "load_reference_prm", "peak_stimulated_scores",
+    "ResNetFCN", "find_peaks", "load_reference_filling", "peak_input_coordinates", "load_reference_prm", "peak_stimulated_scores",
     "propagate_affinity", "reference_peak_response_maps",
 ]

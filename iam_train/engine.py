@@ -1,0 +1,150 @@
+"""What both training stages share: device and distributed set-up, a deterministic sharded
+sampler, the run directory and its logs (progress bar, CSV, TensorBoard)."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import Sampler
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_runtime(device: str = "auto") -> Runtime:
+    """CUDA when present (or asked), CPU otherwise; joins the process group under torchrun
+    (nccl on CUDA, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for but no CUDA device is available")
+    dev = torch.device(device)
+    if dev.type == "cuda" and world > 1:
+        dev = torch.device("cuda", local)
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return Runtime(dev, rank, world)
+
+
+def autocast(rt: Runtime, enabled: bool):
+    """Mixed precision on CUDA (bf16 where supported, else fp16); a no-op on the CPU."""
+    if not enabled or rt.device.type != "cuda":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+class EpochSampler(Sampler[int]):
+    """Shuffles with a permutation that depends only on (seed, epoch), then shards it over
+    ranks: a resumed or re-sharded run sees the same order."""
+
+    def __init__(self, size: int, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1):
+        self.size, self.seed, self.shuffle = size, seed, shuffle
+        self.rank, self.world_size, self.epoch = rank, world_size, 0
+        self.per_rank = math.ceil(size / world_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        if self.shuffle:
+            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+        else:
+            order = torch.arange(self.size)
+        order = order.tolist()
+        order += order[: self.per_rank * self.world_size - len(order)]  # pad so every rank gets as many
+        return iter(order[self.rank :: self.world_size])
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+
+class RunLog:
+    """metrics.csv (one row per epoch) and TensorBoard events in the run directory; only the
+    main process writes."""
+
+    def __init__(self, out: Path, enabled: bool):
+        self.enabled = enabled
+        self.csv_path = out / "metrics.csv"
+        self.writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(out / "tensorboard"))
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_scalar(tag, value, step)
+
+    def epoch(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        new = not self.csv_path.exists()
+        with open(self.csv_path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                w.writeheader()
+            w.writerow(row)
+        for key, value in row.items():
+            if key != "epoch" and isinstance(value, (int, float)) and value == value:
+                self.scalar(f"epoch/{key}", value, row["epoch"])
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def prepare_run_dir(out: Path, resume: bool) -> None:
+    """A new run needs an empty or absent folder; --resume needs a previous last.pt there."""
+    if resume:
+        if not (out / "last.pt").is_file():
+            raise FileNotFoundError(f"--resume: no checkpoint {out / 'last.pt'} to resume from")
+        return
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def average_precision(scores, positives) -> float:
+    """All-point (VOC 2010+) AP of one class: scores (N,), positives (N,) bool."""
+    import numpy as np
+
+    order = np.argsort(-np.asarray(scores), kind="stable")
+    hits = np.asarray(positives, bool)[order]
+    if hits.sum() == 0:
+        return float("nan")
+    tp = np.cumsum(hits)
+    precision = tp / np.arange(1, len(hits) + 1)
+    recall = tp / hits.sum()
+    prec = np.concatenate(([0.0], precision, [0.0]))
+    rec = np.concatenate(([0.0], recall, [1.0]))
+    for i in range(len(prec) - 2, -1, -1):
+        prec[i] = max(prec[i], prec[i + 1])
+    idx = np.flatnonzero(rec[1:] != rec[:-1])
+    return float(((rec[idx + 1] - rec[idx]) * prec[idx + 1]).sum())

@@ -1,0 +1,189 @@
+"""Stage 2: train the instance extent filling network on proposal pseudo ground truth, with the
+peak network frozen and its peak backprop in the batched form (SPEC section 3)."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from .batchnorm import recalibrate_batchnorm
+from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .config import FillingTrainConfig, save_config
+from .data.datasets import FillingDataset, FillingItem, collate_skip
+from .engine import EpochSampler, RunLog, autocast, prepare_run_dir, setup_runtime
+from .models import InstanceExtentFilling, PeakBackprop, ResNetFCN, find_peaks
+from .pseudo_gt import pseudo_targets
+from .validate import instance_quality
+
+
+def load_prm(source: str | Path) -> tuple[ResNetFCN, dict]:
+    """A trained PRM network from a run directory (best.pt, else last.pt) or a checkpoint file.
+    Returns the model in eval mode and the checkpoint's metadata."""
+    path = Path(source)
+    if path.is_dir():
+        path = path / "best.pt" if (path / "best.pt").is_file() else path / "last.pt"
+    ckpt = load_checkpoint(path, "iam-prm")
+    model = ResNetFCN(ckpt["arch"], num_classes=len(ckpt["classes"]), weights=None)
+    model.load_state_dict(ckpt["model"])
+    meta = {k: ckpt[k] for k in ("classes", "arch", "image_size", "upsample_factor", "win_size", "threshold_mode")}
+    meta["path"] = str(path)
+    return model.eval(), meta
+
+
+def select_peaks(crm: Tensor, labels: Tensor, meta: dict, limit: int) -> Tensor:
+    """Peaks (P, 3) of one image's CRM (1, C, h, w) on classes the image is labelled with
+    (present or difficult), highest first, at most ``limit``."""
+    found = find_peaks(crm, meta["win_size"], meta["threshold_mode"], 0.0, meta["upsample_factor"], 10 * limit + 10)
+    coords = found.coords[0, : found.counts[0]]
+    keep = labels.to(coords.device)[coords[:, 0]] >= 0
+    return coords[keep][:limit]
+
+
+class PeakTeacher:
+    """The frozen PRM network: features, peaks and peak response maps of images."""
+
+    def __init__(self, model: ResNetFCN, meta: dict):
+        self.model, self.meta = model, meta
+        self.backprop = PeakBackprop(model, meta["upsample_factor"])
+        for p in model.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def __call__(self, items: list[FillingItem], limit: int, device) -> tuple:
+        images = torch.stack([it.image for it in items]).to(device)
+        out = self.model(images)
+        prms, owners, peaks = [], [], []
+        for i, item in enumerate(items):
+            p = select_peaks(out.crm[i : i + 1].float(), item.labels, self.meta, limit)
+            if len(p):
+                prms.append(self.backprop(images[i : i + 1], p))
+                owners.append(torch.full((len(p),), i, device=device))
+                peaks.append(p)
+        if not prms:
+            return out, None, None, None
+        return out, torch.cat(prms), torch.cat(owners), torch.cat(peaks)
+
+
+def train_filling(config: FillingTrainConfig, out: str | Path, resume: bool = False, progress: bool = True) -> dict:
+    out = Path(out)
+    rt = setup_runtime(config.device)
+    if rt.is_main:
+        prepare_run_dir(out, resume)
+    ckpt = load_checkpoint(out / "last.pt", "iam-filling") if resume else None
+
+    prm_model, meta = load_prm(config.prm)
+    prm_model = prm_model.to(rt.device)
+    teacher = PeakTeacher(prm_model, meta)
+    dataset = FillingDataset(config.data, config.split, meta["image_size"], config.max_proposals,
+                             config.min_area, config.max_area, flip=0.0, seed=config.seed)
+    if tuple(dataset.voc.classes) != tuple(meta["classes"]):
+        raise ValueError(f"the PRM network knows classes {meta['classes']}, the data has {dataset.voc.classes}")
+    sampler = EpochSampler(len(dataset), config.seed, True, rt.rank, rt.world_size)
+    loader = DataLoader(dataset, config.batch_size, sampler=sampler, num_workers=config.workers, collate_fn=collate_skip)
+
+    torch.manual_seed(config.seed)
+    model = InstanceExtentFilling(prm_model.feature_channels, config.channels, config.kernel_size,
+                                  config.hidden, config.steps).to(rt.device)
+    if config.optimizer == "rmsprop":
+        opt = torch.optim.RMSprop(model.parameters(), lr=config.lr)
+    elif config.optimizer == "adam":
+        opt = torch.optim.Adam(model.parameters(), lr=config.lr)
+    else:
+        raise ValueError(f"unknown optimizer {config.optimizer!r} (rmsprop, adam)")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 1.0)
+    start_epoch, best = 0, float("-inf")
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        start_epoch, best = ckpt["epoch"], ckpt["best_metric"]
+        set_rng_state(ckpt["rng"])
+    if rt.is_main:
+        save_config(config, out / "config.yaml")
+    net = DistributedDataParallel(model) if rt.distributed else model
+    log = RunLog(out, rt.is_main)
+    val_set = None
+    if config.val_split:
+        val_set = FillingDataset(config.data, config.val_split, meta["image_size"], config.max_proposals,
+                                 config.min_area, config.max_area)
+
+    def bn_forward(items):
+        if items is None:
+            return False
+        feats, prm, owners, _ = teacher(items, config.max_peaks_per_image, rt.device)
+        if prm is None:
+            return False
+        model(prm, model.affinity_kernels(feats.c2, feats.c3, feats.c4)[owners])
+
+    summary: dict = {"run": str(out), "prm": meta["path"], "skipped_images": dataset.skipped}
+
+    for epoch in range(start_epoch, config.epochs):
+        sampler.set_epoch(epoch)
+        net.train()
+        started, seen, total, steps, peaks_seen = time.perf_counter(), 0, 0.0, 0, 0
+        bar = tqdm(loader, desc=f"filling epoch {epoch + 1}/{config.epochs}", disable=not (progress and rt.is_main))
+        for step, items in enumerate(bar):
+            if items is None:
+                continue
+            feats, prm, owners, _ = teacher(items, config.max_peaks_per_image, rt.device)
+            if prm is None:
+                continue
+            gen = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch * 10_007 + step * 101 + rt.rank)
+            targets, valid = [], []
+            for i, item in enumerate(items):
+                sel = owners == i
+                t, v = pseudo_targets(prm[sel].cpu(), item.proposals, gen, config.balance, config.contour_width,
+                                      config.top_k, config.duplicate_iou)
+                targets.append(t)
+                valid.append(v)
+            targets = torch.cat(targets).to(rt.device)
+            valid = torch.cat(valid).to(rt.device)
+            if not valid.any():
+                continue
+            with autocast(rt, config.amp):
+                kernels = model.affinity_kernels(feats.c2, feats.c3, feats.c4)
+                iam = net(prm, kernels[owners])
+            loss = F.binary_cross_entropy(iam.float()[valid].clamp(1e-6, 1 - 1e-6), targets[valid])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            seen += len(items)
+            peaks_seen += int(valid.sum())
+            total += loss.item()
+            steps += 1
+            bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{seen / (time.perf_counter() - started):.1f}")
+            log.scalar("train/loss", loss.item(), epoch * len(loader) + steps)
+        sched.step()
+        if config.bn_recalibration_batches:
+            recalibrate_batchnorm(model, itertools.islice(loader, config.bn_recalibration_batches), bn_forward)
+        row = {"epoch": epoch + 1, "train_loss": total / max(steps, 1), "peaks": peaks_seen,
+               "images_per_s": seen * rt.world_size / (time.perf_counter() - started)}
+        if val_set is not None:
+            quality = instance_quality(teacher, model, val_set, config.max_peaks_per_image, rt.device)
+            row["val_mean_iou"], row["val_prm_mean_iou"] = quality.mean_iou, quality.prm_mean_iou
+        metric = row.get("val_mean_iou", -row["train_loss"])
+        is_best = metric > best
+        best = max(best, metric)
+        if rt.is_main:
+            payload = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                       "epoch": epoch + 1, "best_metric": best, "rng": rng_state(),
+                       "config": dataclasses.asdict(config), "prm_meta": meta,
+                       "filling": {"channels": config.channels, "kernel_size": config.kernel_size,
+                                   "hidden": config.hidden, "steps": config.steps}}
+            save_checkpoint(out / "last.pt", "iam-filling", payload)
+            if is_best:
+                save_checkpoint(out / "best.pt", "iam-filling", payload)
+            log.epoch(row)
+            tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        summary.update(row)
+    log.close()
+    return summary
