@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from .backbone import ResNetFCN
+from .backbone import BackboneOutput, ResNetFCN
 from .peaks import upsample_crm
 
 EPS = 1e-10
@@ -225,16 +225,21 @@ class PeakBackprop(nn.Module):
         return onehot[:, :, None, None] * (rows[:, :, None] * cols[:, None, :])[:, None]
 
     def forward(self, image: Tensor, peaks: Tensor) -> Tensor:
+        return self.with_features(image, peaks)[0]
+
+    def with_features(self, image: Tensor, peaks: Tensor) -> tuple[Tensor, BackboneOutput]:
+        """As forward, also returning the backbone outputs of the image's forward pass."""
         net = self.backbone
         conv1, bn1, _, pool = net.stem
         # Forward, saving what the backward rules need.
         s1 = F.relu(bn1(conv1(image)))
         x = pool(s1)
-        tape = []
+        tape, features = [], []
         for layer in (net.layer1, net.layer2, net.layer3, net.layer4):
             for block in layer:
                 x, saved = _block_forward(block, x)
                 tape.append((block, saved))
+            features.append(x)
         crm = net.classifier(x)
         # Backward, all peaks at once.
         grad = self.seeds(crm.shape, peaks, image.dtype)
@@ -243,4 +248,4 @@ class PeakBackprop(nn.Module):
             grad = _block_backward(block, saved, grad)
         grad = _maxpool_rule(pool, s1, grad) * (s1 > 0)
         grad = _conv_rule(conv1, image, _bn_rule(bn1, grad))
-        return normalise_prm(grad)
+        return normalise_prm(grad), BackboneOutput(crm, *features[:3])

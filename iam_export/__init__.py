@@ -1,0 +1,1 @@
+"""Export of trained IAM models to an ONNX bundle and TensorRT engines."""

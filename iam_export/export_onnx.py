@@ -1,0 +1,249 @@
+"""``iam-export onnx``: checkpoints -> a verified ONNX bundle (written to a temporary folder,
+then renamed into place)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import torch
+
+import iam_runtime
+from iam_runtime.bundle import (
+    CRFSpec,
+    FillingSpec,
+    GraphSpec,
+    InputSpec,
+    Manifest,
+    PeakSpec,
+    TensorSpec,
+    save_manifest,
+    sha256_file,
+)
+from iam_runtime.voc import IMAGENET_MEAN, IMAGENET_STD, VOC_CLASSES
+from iam_train.checkpoint import load_checkpoint
+from iam_train.models import InstanceExtentFilling, ResNetFCN, load_reference_filling, load_reference_prm
+
+from . import onnx_ops
+from .graphs import DetectGraph, SegmentGraph
+from .verify import ParityRow, compare, format_table, rows_as_dicts
+
+
+class ExportError(ValueError):
+    """An export that cannot proceed; the message says why."""
+
+
+@dataclass
+class ExportOptions:
+    image_size: int | None = None  # default: the size the PRM network was trained at
+    opset: int = 20
+    max_peaks: int = 100
+    fp16: bool = False
+    verify: bool = True
+    from_reference: bool = False
+    steps: int | None = None  # filling propagation steps; default: as trained
+    class_threshold: float = 0.0
+    peak_threshold: float = float("-inf")
+    force: bool = False
+
+
+@dataclass
+class LoadedModels:
+    backbone: ResNetFCN
+    filling: InstanceExtentFilling
+    classes: list[str]
+    image_size: int
+    win_size: int
+    threshold_mode: str
+    upsample_factor: int
+
+
+def load_models(prm: str | Path, filling: str | Path, options: ExportOptions) -> LoadedModels:
+    """Our run checkpoints (kind-checked) or, with ``from_reference``, the reference's."""
+    if options.from_reference:
+        backbone = load_reference_prm(prm)
+        fill = load_reference_filling(filling, steps=options.steps or 112)
+        models = LoadedModels(backbone, fill, list(VOC_CLASSES), 448, 3, "median", 8)
+    else:
+        from iam_train.train_filling import load_prm
+
+        backbone, meta = load_prm(prm)
+        ckpt = load_checkpoint(Path(filling) / "best.pt" if Path(filling).is_dir() else filling, "iam-filling")
+        trained_on = ckpt["prm_meta"]["classes"]
+        if list(trained_on) != list(meta["classes"]):
+            raise ExportError(f"the filling checkpoint was trained with a PRM network of classes {trained_on}, "
+                              f"but {prm} has {meta['classes']}")
+        f = ckpt["filling"]
+        fill = InstanceExtentFilling(backbone.feature_channels, f["channels"], f["kernel_size"], f["hidden"],
+                                     options.steps or f["steps"])
+        try:
+            fill.load_state_dict(ckpt["model"])
+        except RuntimeError as exc:
+            raise ExportError(f"the filling checkpoint does not fit the {meta['arch']} backbone: {exc}") from exc
+        models = LoadedModels(backbone, fill, list(meta["classes"]), meta["image_size"], meta["win_size"],
+                              meta["threshold_mode"], meta["upsample_factor"])
+    if options.image_size:
+        models.image_size = options.image_size
+    if models.image_size % 32:
+        raise ExportError(f"image size {models.image_size} is not a multiple of 32")
+    models.backbone.eval()
+    models.filling.eval()
+    return models
+
+
+def _tensor_specs(values: list[onnx.ValueInfoProto]) -> list[TensorSpec]:
+    names = {1: "float32", 10: "float16", 7: "int64", 9: "bool"}
+    out = []
+    for v in values:
+        t = v.type.tensor_type
+        shape = [d.dim_param if d.dim_param else d.dim_value for d in t.shape.dim]
+        out.append(TensorSpec(v.name, names.get(t.elem_type, str(t.elem_type)), shape))
+    return out
+
+
+def _export(module, args, dynamic_shapes, input_names, output_names, opset) -> onnx.ModelProto:
+    program = torch.onnx.export(module, args, dynamo=True, custom_translation_table=onnx_ops.translation_table(),
+                                dynamic_shapes=dynamic_shapes, input_names=input_names, output_names=output_names,
+                                opset_version=opset, verbose=False)
+    return program.model_proto
+
+
+DETECT_OUTPUTS = ["class_scores", "peak_coords", "peak_values", "peak_counts"]
+SEGMENT_OUTPUTS = ["prm", "iam"]
+
+
+def build_graphs(models: LoadedModels, options: ExportOptions) -> dict[str, onnx.ModelProto]:
+    s = models.image_size
+    peak_kwargs = dict(win_size=models.win_size, threshold_mode=models.threshold_mode, threshold_value=0.0,
+                       upsample_factor=models.upsample_factor, max_peaks=options.max_peaks)
+    detect = DetectGraph(models.backbone, **peak_kwargs).eval()
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    detect_model = _export(detect, (torch.randn(2, 3, s, s),), ({0: batch},), ["images"], DETECT_OUTPUTS, options.opset)
+    onnx_ops.attach_functions(detect_model, [onnx_ops.find_peaks_function(
+        len(models.classes), (s // 32, s // 32), options.opset, **peak_kwargs)])
+
+    segment = SegmentGraph(models.backbone, models.filling, models.upsample_factor).eval()
+    peaks = torch.export.Dim("peaks", min=1, max=4096)
+    example_peaks = torch.tensor([[0, 0, 0], [0, 1, 1]], dtype=torch.int64)
+    segment_model = _export(segment, (torch.randn(1, 3, s, s), example_peaks), (None, {0: peaks}),
+                            ["image", "peaks"], SEGMENT_OUTPUTS, options.opset)
+    f = models.filling
+    onnx_ops.attach_functions(segment_model, [onnx_ops.propagate_affinity_function(
+        f.channels, f.kernel_size, (s // 4, s // 4), f.steps, options.opset)])
+    for model in (detect_model, segment_model):
+        onnx.checker.check_model(model, full_check=True)
+    return {"detect": detect_model, "segment": segment_model}
+
+
+def verify_graphs(paths: dict[str, Path], models: LoadedModels, options: ExportOptions, precision: str,
+                  seed: int = 0) -> list[ParityRow]:
+    """Run onnxruntime (CPU) next to PyTorch: detect on 1 and 3 images, segment on 1 and up to 7 peaks."""
+    import onnxruntime as ort
+
+    s = models.image_size
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(3, 3, s, s, generator=g)
+    detect = DetectGraph(models.backbone, models.win_size, models.threshold_mode, 0.0, models.upsample_factor,
+                         options.max_peaks).eval()
+    det_sess = ort.InferenceSession(str(paths["detect"]), providers=["CPUExecutionProvider"])
+    rows = []
+    with torch.no_grad():
+        for n in (1, 3):
+            ref = [t.numpy() for t in detect(images[:n])]
+            got = det_sess.run(DETECT_OUTPUTS, {"images": images[:n].numpy()})
+            rows += compare(f"detect/{n}", DETECT_OUTPUTS, got, ref, precision)
+        scores, coords, values, counts = detect(images[:1])
+        peaks = coords[0, : max(1, min(7, int(counts[0])))]
+        segment = SegmentGraph(models.backbone, models.filling, models.upsample_factor).eval()
+        seg_sess = ort.InferenceSession(str(paths["segment"]), providers=["CPUExecutionProvider"])
+        for n in sorted({1, len(peaks)}):
+            ref = [t.numpy() for t in segment(images[:1], peaks[:n])]
+            got = seg_sess.run(SEGMENT_OUTPUTS, {"image": images[:1].numpy(), "peaks": peaks[:n].numpy()})
+            rows += compare(f"segment/{n}", SEGMENT_OUTPUTS, got, ref, precision)
+    return rows
+
+
+def _versions() -> dict[str, str]:
+    import onnxruntime
+    import onnxscript
+    import torchvision
+
+    return {"iam": iam_runtime.__version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "onnx": onnx.__version__, "onnxscript": onnxscript.__version__, "onnxruntime": onnxruntime.__version__}
+
+
+def _check_destination(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ExportError(f"{out} exists and is not empty; pass --force to replace it")
+    parent = out.parent if out.parent != Path("") else Path(".")
+    parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(parent, os.W_OK):
+        raise ExportError(f"cannot write to {parent}")
+
+
+def export_bundle(prm: str | Path, filling: str | Path, out: str | Path, options: ExportOptions,
+                  log=print) -> Manifest:
+    """Export, verify and write a bundle; nothing is left at ``out`` unless all of it succeeded."""
+    out = Path(out)
+    _check_destination(out, options.force)
+    models = load_models(prm, filling, options)
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        started = time.perf_counter()
+        graphs = build_graphs(models, options)
+        precision = "fp32"
+        if options.fp16:
+            from .fp16 import convert_to_fp16
+
+            graphs = {k: convert_to_fp16(m) for k, m in graphs.items()}
+            precision = "fp16"
+        paths = {}
+        specs = {}
+        for key, model in graphs.items():
+            path = tmp / f"{key}.onnx"
+            onnx.save(model, path)
+            paths[key] = path
+            specs[key] = GraphSpec(path.name, sha256_file(path), _tensor_specs(list(model.graph.input)),
+                                   _tensor_specs(list(model.graph.output)), precision, options.opset)
+        export_s = time.perf_counter() - started
+        verification: dict = {"export_seconds": round(export_s, 2)}
+        if options.verify:
+            rows = verify_graphs(paths, models, options, precision)
+            log(format_table(rows))
+            verification.update(precision=precision, rows=rows_as_dicts(rows), passed=all(r.ok for r in rows))
+            if not verification["passed"]:
+                raise ExportError("exported graphs differ from PyTorch beyond the tolerance (table above)")
+        manifest = Manifest(
+            classes=models.classes,
+            input=InputSpec([models.image_size, models.image_size], list(IMAGENET_MEAN), list(IMAGENET_STD)),
+            peaks=PeakSpec(models.win_size, models.threshold_mode, 0.0, models.upsample_factor, options.max_peaks,
+                           options.class_threshold, options.peak_threshold),
+            filling=FillingSpec(models.filling.channels, models.filling.kernel_size, models.filling.steps),
+            crf=CRFSpec(),
+            graphs=specs,
+            producer={**_versions(), "source": "reference" if options.from_reference else "iam-train",
+                      "prm": str(prm), "filling": str(filling), "backbone": models.backbone.arch},
+            verification=verification,
+        )
+        save_manifest(tmp, manifest)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+        return manifest
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def options_from(**kwargs) -> ExportOptions:
+    names = {f.name for f in dataclasses.fields(ExportOptions)}
+    return ExportOptions(**{k: v for k, v in kwargs.items() if k in names and v is not None})
