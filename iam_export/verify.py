@@ -8,8 +8,10 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 # Relative error = max |onnx - torch| / max |torch|. Integer outputs (peak coordinates, counts)
-# must be identical.
+# must be identical in fp32; in fp16, rounding reorders near-tied peaks, so there the measure is
+# the fraction of peak rows (or counts) that differ.
 TOLERANCE = {"fp32": 1e-3, "fp16": 3e-2}
+INTEGER_MISMATCH_TOLERANCE = {"fp32": 0.0, "fp16": 0.2}
 
 
 @dataclass
@@ -32,7 +34,12 @@ def compare(graph: str, names: list[str], onnx_outputs: list[np.ndarray], torch_
             continue
         if np.issubdtype(want.dtype, np.integer) or want.dtype == bool:
             diff = float(np.abs(got.astype(np.int64) - want.astype(np.int64)).max(initial=0))
-            rows.append(ParityRow(graph, name, diff, diff, 0.0, diff == 0))
+            rows_differ = (got != want).reshape(want.shape[0], -1) if want.ndim > 1 else (got != want)[:, None]
+            if want.ndim == 3:  # (B, K, 3) peak rows
+                rows_differ = (got != want).any(-1)
+            fraction = float(rows_differ.mean()) if rows_differ.size else 0.0
+            tol = INTEGER_MISMATCH_TOLERANCE[precision]
+            rows.append(ParityRow(graph, name, diff, fraction, tol, fraction <= tol))
             continue
         diff = float(np.abs(got.astype(np.float64) - want.astype(np.float64)).max(initial=0))
         scale = float(np.abs(want).max(initial=0)) or 1.0

@@ -9,10 +9,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from iam_runtime.images import ImageError, decode_image, preprocess
 from iam_runtime.voc import IMAGENET_MEAN, IMAGENET_STD
 
 from .proposals import ProposalError
@@ -22,12 +23,9 @@ log = logging.getLogger(__name__)
 
 
 def load_image(path, size: int) -> Tensor:
-    """RGB image resized to (size, size), ImageNet-normalised: (3, size, size) float32."""
-    with Image.open(path) as img:
-        rgb = img.convert("RGB").resize((size, size), Image.BILINEAR)
-    array = np.asarray(rgb, dtype=np.float32) / 255.0
-    array = (array - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(IMAGENET_STD, np.float32)
-    return torch.from_numpy(array.transpose(2, 0, 1).copy())
+    """RGB image stretched to (size, size), ImageNet-normalised: (3, size, size) float32 (the
+    runtime's preprocessing, so that training and inference see the same pixels)."""
+    return torch.from_numpy(preprocess(decode_image(path), (size, size), IMAGENET_MEAN, IMAGENET_STD))
 
 
 def _flip_decision(seed: int, epoch: int, index: int, p: float) -> bool:
@@ -58,7 +56,7 @@ class _VOCBase(Dataset):
         path = self.voc.image_path(self.ids[index])
         try:
             image = load_image(path, self.image_size)
-        except (OSError, UnidentifiedImageError, ValueError) as exc:
+        except (OSError, ImageError) as exc:
             log.warning("skipping unreadable image %s: %s", path, exc)
             return None
         flipped = self.flip > 0 and _flip_decision(self.seed, self.epoch, index, self.flip)

@@ -1,0 +1,84 @@
+"""``iam-export``: checkpoints -> ONNX bundle -> TensorRT engines."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import click
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Export trained IAM models for deployment."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    for noisy in ("torch.onnx", "onnxscript"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+@main.command("onnx")
+@click.option("--prm", required=True, type=click.Path(path_type=Path),
+              help="PRM run directory or checkpoint (with --from-reference: model_prm_latest.pth.tar).")
+@click.option("--filling", required=True, type=click.Path(path_type=Path),
+              help="Filling run directory or checkpoint (with --from-reference: model_filling_latest.pth.tar).")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Bundle directory.")
+@click.option("--image-size", type=int, default=None, help="Input size (default: as trained; reference 448).")
+@click.option("--opset", default=20, show_default=True)
+@click.option("--max-peaks", default=100, show_default=True, help="Peaks per image in the detect graph's outputs.")
+@click.option("--fp16", is_flag=True, help="fp16 convolution trunk (fp32 peak finding, heads and I/O).")
+@click.option("--verify/--no-verify", default=True, show_default=True, help="Check onnxruntime against PyTorch.")
+@click.option("--from-reference", is_flag=True, help="The checkpoints are the reference implementation's.")
+@click.option("--steps", type=int, default=None, help="Filling propagation steps (default: as trained).")
+@click.option("--class-threshold", type=float, default=0.0, show_default=True,
+              help="Runtime: a class is present when its score (logit) is at least this.")
+@click.option("--peak-threshold", type=float, default=None, help="Runtime: use peaks with a value above this.")
+@click.option("--force", is_flag=True, help="Replace a non-empty --out.")
+def export_onnx(prm, filling, out, image_size, opset, max_peaks, fp16, verify, from_reference, steps,
+                class_threshold, peak_threshold, force) -> None:
+    """Write an ONNX bundle (detect + segment graphs, manifest) and verify it."""
+    from iam_train.checkpoint import CheckpointFileError
+    from iam_train.models import CheckpointError
+
+    from .export_onnx import ExportError, export_bundle, options_from
+
+    options = options_from(image_size=image_size, opset=opset, max_peaks=max_peaks, fp16=fp16, verify=verify,
+                           from_reference=from_reference, steps=steps, class_threshold=class_threshold,
+                           peak_threshold=peak_threshold, force=force)
+    try:
+        manifest = export_bundle(prm, filling, out, options, log=click.echo)
+    except (ExportError, CheckpointError, CheckpointFileError, FileNotFoundError, PermissionError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    size = sum(p.stat().st_size for p in out.iterdir()) / 2**20
+    click.echo(f"wrote {out} ({size:.0f} MiB, {len(manifest.classes)} classes, "
+               f"{manifest.input.size[0]}x{manifest.input.size[1]}, {manifest.graphs['detect'].precision}) in "
+               f"{manifest.verification['export_seconds']:.0f} s")
+
+
+@main.command("tensorrt")
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--fp16", is_flag=True, help="TensorRT 10 FP16 flag (on 11 export an --fp16 bundle instead).")
+@click.option("--int8", is_flag=True, help="Explicit INT8 (Q/DQ) detect graph, calibrated on --calib-images.")
+@click.option("--calib-images", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None)
+@click.option("--workspace", "workspace_gb", default=4.0, show_default=True, help="Builder workspace in GB.")
+@click.option("--timing-cache", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option("--max-batch", default=16, show_default=True)
+@click.option("--max-peaks", default=64, show_default=True)
+def export_tensorrt(bundle, fp16, int8, calib_images, workspace_gb, timing_cache, max_batch, max_peaks) -> None:
+    """Build TensorRT engines for BUNDLE's graphs on this machine's GPU."""
+    from iam_runtime.bundle import BundleError
+
+    from .tensorrt_build import BuildOptions, TensorRTUnavailable, build_bundle_engines
+
+    options = BuildOptions(fp16=fp16, int8=int8, workspace_gb=workspace_gb, timing_cache=timing_cache,
+                           max_batch=max_batch, opt_batch=min(8, max_batch), max_peaks=max_peaks,
+                           opt_peaks=min(8, max_peaks))
+    try:
+        engines = build_bundle_engines(bundle, options, calib_images, log=click.echo)
+    except (TensorRTUnavailable, BundleError, ValueError, RuntimeError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    for e in engines:
+        click.echo(f"{e.graph}: {e.file} ({e.precision}, {e.gpu}, TensorRT {e.tensorrt_version})")
+
+
+if __name__ == "__main__":
+    main()
