@@ -141,7 +141,7 @@ def test_static_check_catches_what_tensorrt_rejects():
 
 def test_tensorrt_parser_accepts_the_graphs(bundle):
     trt = pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx (TensorRT's CPU-installable parser) is not installed")
-    from iam_export.tensorrt_build import build_engine, parse_onnx, profiles_for, BuildOptions
+    from iam_export.tensorrt_build import BuildOptions, build_engine, parse_onnx, profiles_for
 
     b = load_bundle(bundle)
     for key in ("detect", "segment"):

@@ -30,22 +30,6 @@ def invoke(*args: str) -> str:
     return result.output
 
 
-@pytest.fixture(scope="module")
-def synthetic(tmp_path_factory):
-    # 90 training and 30 held-out images of 128 px, trained at 224 (a 7x7 CRM, the reference
-    # has 14x14 at 448) so that peaks can localise shapes of 20-45 px.
-    return generate(tmp_path_factory.mktemp("synth"), SynthConfig(images=120, size=128, seed=0), progress=False)
-
-
-@pytest.fixture(scope="module")
-def prm_run(synthetic, tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "prm"
-    invoke("prm", "--data", str(synthetic), "--split", "train", "--val-split", "val", "--out", str(out),
-           "--backbone", "resnet18", "--image-size", "224", "--epochs", "6", "--batch-size", "16",
-           "--backbone-lr-mult", "1.0", "--workers", "0", "--bn-batches", "4", "--no-progress")
-    return out
-
-
 def test_prm_learns_and_peaks_localise(prm_run, synthetic):
     for name in ("best.pt", "last.pt", "config.yaml", "metrics.csv"):
         assert (prm_run / name).is_file(), name
@@ -67,13 +51,8 @@ def test_prm_learns_and_peaks_localise(prm_run, synthetic):
     assert quality.peaks_inside > 5 * quality.chance_inside and quality.peaks_inside > 0.3
 
 
-def test_filling_maps_overlap_instances(prm_run, synthetic, tmp_path):
-    config = tmp_path / "filling.yaml"
-    config.write_text("hidden: 16\nsteps: 28\noptimizer: adam\nmax_peaks_per_image: 2\nbatch_size: 4\n")
-    out = tmp_path / "filling"
-    invoke("filling", "--data", str(synthetic), "--split", "train", "--val-split", "val", "--prm", str(prm_run),
-           "--out", str(out), "--config", str(config), "--epochs", "3", "--lr", "0.01", "--workers", "0",
-           "--bn-batches", "10", "--no-progress")
+def test_filling_maps_overlap_instances(prm_run, filling_run, synthetic):
+    out = filling_run
     ckpt = load_checkpoint(out / "best.pt", "iam-filling")
     model, meta = load_prm(prm_run)
     f = ckpt["filling"]

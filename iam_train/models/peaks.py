@@ -138,12 +138,7 @@ def peak_stimulated_scores(crm: Tensor, peak_map: Tensor, upsample_factor: int =
 
 def peak_input_coordinates(coords: Tensor, crm_size: tuple[int, int], upsample_factor: int, stride: int = 32) -> Tensor:
     """(..., 3) peak rows (class, y, x) on the upsampled grid -> (..., 2) float (y, x) in input
-    pixels. CRM cell j of a torchvision ResNet is centred on input pixel ``stride * j`` (every
-    stride-2 layer pads so that output i is centred on input 2i); the sub-pixel grid maps back
-    through align_corners=True."""
-    out = []
-    for axis, size in ((1, crm_size[0]), (2, crm_size[1])):
-        up = size * upsample_factor
-        scale = (size - 1) / (up - 1) if up > 1 else 0.0
-        out.append(coords[..., axis].to(torch.float32) * scale * stride)
-    return torch.stack(out, dim=-1)
+    pixels (see :func:`iam_runtime.peaks.peak_input_coordinates`, which this wraps)."""
+    from iam_runtime.peaks import peak_input_coordinates as to_input
+
+    return torch.from_numpy(to_input(coords.cpu().numpy(), tuple(crm_size), upsample_factor, stride)).float()

@@ -1,0 +1,200 @@
+"""Engines behind one small interface: ``detect(images)`` and ``segment(image, peaks)``.
+
+* :class:`OnnxRuntimeBackend`: the bundle's ONNX graphs in onnxruntime, with the TensorRT EP,
+  the CUDA EP or the CPU EP (the best available, or as asked). onnxruntime-gpu falls back to the
+  CPU silently when CUDA libraries are missing: the session's actual providers are checked and a
+  GPU provider asked for by name that did not load is an error.
+* :class:`TensorRTBackend`: the bundle's TensorRT engines, when they were built for this GPU
+  and this TensorRT version (otherwise refused, with the reason; ``select_backend`` then falls
+  back to onnxruntime).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .bundle import Bundle
+
+log = logging.getLogger(__name__)
+
+DETECT_OUTPUTS = ("class_scores", "peak_coords", "peak_values", "peak_counts")
+SEGMENT_OUTPUTS = ("prm", "iam")
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+
+
+class BackendError(RuntimeError):
+    """A backend that cannot run here; the message says why."""
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "iam"
+
+
+class OnnxRuntimeBackend:
+    name = "onnxruntime"
+
+    def __init__(self, bundle: Bundle, providers: list[str] | None = None, cache_dir: Path | None = None,
+                 threads: int = 0):
+        import onnxruntime as ort
+
+        available = ort.get_available_providers()
+        asked = list(providers) if providers else None
+        if asked:
+            unknown = [p for p in asked if p not in available]
+            if unknown:
+                raise BackendError(f"onnxruntime here has no {', '.join(unknown)} (available: {', '.join(available)})")
+            chosen = asked
+        else:
+            chosen = [p for p in (*GPU_PROVIDERS, "CPUExecutionProvider") if p in available]
+        cache = (cache_dir or default_cache_dir()) / "trt-ep" / bundle.manifest.graphs["detect"].sha256[:16]
+        options = []
+        for p in chosen:
+            if p == "TensorrtExecutionProvider":
+                cache.mkdir(parents=True, exist_ok=True)
+                options.append({"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
+                                "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache),
+                                "trt_fp16_enable": bundle.manifest.graphs["detect"].precision == "fp16"})
+            else:
+                options.append({})
+        so = ort.SessionOptions()
+        if threads:
+            so.intra_op_num_threads = threads
+        so.log_severity_level = 3
+        self.sessions = {}
+        for key in ("detect", "segment"):
+            self.sessions[key] = ort.InferenceSession(str(bundle.graph_path(key)), sess_options=so,
+                                                      providers=chosen, provider_options=options)
+        actual = self.sessions["detect"].get_providers()
+        missing_gpu = [p for p in chosen if p in GPU_PROVIDERS and p not in actual]
+        if missing_gpu:
+            message = (f"{', '.join(missing_gpu)} did not load (CUDA/TensorRT libraries missing or no GPU); "
+                       f"onnxruntime is running on {', '.join(actual)}")
+            if asked:
+                raise BackendError(message)
+            log.warning(message)
+        self.providers = actual
+
+    @property
+    def device(self) -> str:
+        return "gpu" if any(p in GPU_PROVIDERS for p in self.providers) else "cpu"
+
+    def describe(self) -> str:
+        return f"onnxruntime ({', '.join(self.providers)})"
+
+    def detect(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        out = self.sessions["detect"].run(list(DETECT_OUTPUTS), {"images": images})
+        return dict(zip(DETECT_OUTPUTS, out))
+
+    def segment(self, image: np.ndarray, peaks: np.ndarray) -> dict[str, np.ndarray]:
+        out = self.sessions["segment"].run(list(SEGMENT_OUTPUTS), {"image": image, "peaks": peaks})
+        return dict(zip(SEGMENT_OUTPUTS, out))
+
+
+class TensorRTBackend:
+    """Native TensorRT engines (tensorrt + cuda-python)."""
+
+    name = "tensorrt"
+
+    def __init__(self, bundle: Bundle):
+        try:
+            import tensorrt as trt
+            from cuda.bindings import runtime as cudart
+        except ImportError as exc:
+            raise BackendError(f"TensorRT backend needs the 'gpu' extra (tensorrt, cuda-python): {exc}") from None
+        err, count = cudart.cudaGetDeviceCount()
+        if int(err) != 0 or count == 0:
+            raise BackendError("TensorRT backend: no CUDA GPU visible")
+        err, props = cudart.cudaGetDeviceProperties(0)
+        gpu = props.name.decode().rstrip("\x00") if isinstance(props.name, bytes) else str(props.name)
+        capability = f"{props.major}.{props.minor}"
+        self.trt, self.cudart = trt, cudart
+        self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.engines, self.contexts = {}, {}
+        for key in ("detect", "segment"):
+            spec = next((e for e in bundle.manifest.engines if e.graph == key), None)
+            if spec is None:
+                raise BackendError(f"the bundle has no TensorRT engine for {key!r} (run: iam-export tensorrt BUNDLE)")
+            if (spec.gpu, spec.compute_capability) != (gpu, capability):
+                raise BackendError(f"the {key} engine was built for {spec.gpu} (sm {spec.compute_capability}); "
+                                   f"this GPU is {gpu} (sm {capability})")
+            if spec.tensorrt_version != trt.__version__:
+                raise BackendError(f"the {key} engine was built with TensorRT {spec.tensorrt_version}; "
+                                   f"this is TensorRT {trt.__version__}")
+            engine = self.runtime.deserialize_cuda_engine((bundle.root / spec.file).read_bytes())
+            if engine is None:
+                raise BackendError(f"TensorRT could not load {spec.file}")
+            self.engines[key] = engine
+            self.contexts[key] = engine.create_execution_context()
+        err, self.stream = cudart.cudaStreamCreate()
+        self.gpu = gpu
+
+    @property
+    def device(self) -> str:
+        return "gpu"
+
+    def describe(self) -> str:
+        return f"TensorRT {self.trt.__version__} on {self.gpu}"
+
+    def _check(self, result):
+        err = result[0] if isinstance(result, tuple) else result
+        if int(err) != 0:
+            raise BackendError(f"CUDA error {err}")
+        return result[1] if isinstance(result, tuple) and len(result) > 1 else None
+
+    def _run(self, key: str, inputs: dict[str, np.ndarray], outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
+        trt, cudart = self.trt, self.cudart
+        engine, context = self.engines[key], self.contexts[key]
+        buffers = []
+        try:
+            for name, array in inputs.items():
+                array = np.ascontiguousarray(array)
+                context.set_input_shape(name, array.shape)
+                ptr = self._check(cudart.cudaMalloc(array.nbytes))
+                buffers.append(ptr)
+                self._check(cudart.cudaMemcpyAsync(ptr, array.ctypes.data, array.nbytes,
+                                                   cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, self.stream))
+                context.set_tensor_address(name, ptr)
+            host = {}
+            for name in outputs:
+                shape = tuple(context.get_tensor_shape(name))
+                dtype = trt.nptype(engine.get_tensor_dtype(name))
+                host[name] = np.empty(shape, dtype=dtype)
+                ptr = self._check(cudart.cudaMalloc(max(host[name].nbytes, 1)))
+                buffers.append(ptr)
+                context.set_tensor_address(name, ptr)
+            if not context.execute_async_v3(self.stream):
+                raise BackendError(f"TensorRT failed to run the {key} engine")
+            for name, ptr in zip(outputs, buffers[len(inputs):]):
+                self._check(cudart.cudaMemcpyAsync(host[name].ctypes.data, ptr, host[name].nbytes,
+                                                   cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream))
+            self._check(cudart.cudaStreamSynchronize(self.stream))
+            return host
+        finally:
+            for ptr in buffers:
+                cudart.cudaFree(ptr)
+
+    def detect(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        return self._run("detect", {"images": images}, DETECT_OUTPUTS)
+
+    def segment(self, image: np.ndarray, peaks: np.ndarray) -> dict[str, np.ndarray]:
+        return self._run("segment", {"image": image, "peaks": peaks}, SEGMENT_OUTPUTS)
+
+
+def select_backend(bundle: Bundle, backend: str = "auto", providers: list[str] | None = None,
+                   cache_dir: Path | None = None, threads: int = 0):
+    """``auto``: native TensorRT when the bundle has engines for this GPU, else onnxruntime."""
+    if backend not in ("auto", "onnxruntime", "tensorrt"):
+        raise BackendError(f"unknown backend {backend!r} (auto, onnxruntime, tensorrt)")
+    if backend == "tensorrt" or (backend == "auto" and bundle.manifest.engines):
+        try:
+            return TensorRTBackend(bundle)
+        except BackendError as exc:
+            if backend == "tensorrt" and not bundle.manifest.graphs:
+                raise
+            log.warning("%s; using the ONNX graphs with onnxruntime instead", exc)
+    return OnnxRuntimeBackend(bundle, providers, cache_dir, threads)

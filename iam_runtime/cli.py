@@ -1,0 +1,85 @@
+"""``iam-infer``: run a bundle over images and write masks, overlays and COCO-style JSON."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from .backends import BackendError, select_backend
+from .bundle import BundleError, load_bundle
+from .pipeline import SAVE_CHOICES, InferOptions, run
+
+EXIT_OK, EXIT_IMAGES_FAILED, EXIT_INTERRUPTED = 0, 1, 130
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("input_path", metavar="INPUT", required=False, type=click.Path(path_type=Path))
+@click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Output folder (default with --demo: ./iam-demo-output).")
+@click.option("--bundle", type=click.Path(path_type=Path), default=None, help="Bundle directory (iam-export).")
+@click.option("--demo", is_flag=True, help="Use the embedded demo: build it once (cached), run on its images.")
+@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto", show_default=True)
+@click.option("--providers", default=None, help="onnxruntime providers, comma-separated (default: best available).")
+@click.option("--batch-size", default=4, show_default=True, help="Images per detect call.")
+@click.option("--refine", type=click.Choice(["crf", "threshold", "none"]), default="crf", show_default=True,
+              help="crf: dense CRF per instance; threshold/none: activation map >= --mask-threshold.")
+@click.option("--crf-workers", default=0, show_default=True, help="Refinement processes (0: one per core).")
+@click.option("--max-peaks", type=int, default=None, help="Instances per image at most (default: the bundle's).")
+@click.option("--score-threshold", type=float, default=None, help="Class score (logit) threshold.")
+@click.option("--peak-threshold", type=float, default=None, help="Peak value threshold.")
+@click.option("--mask-threshold", default=0.5, show_default=True)
+@click.option("--save", default=",".join(SAVE_CHOICES), show_default=True, help="What to write.")
+@click.option("--resume", is_flag=True, help="Skip images whose outputs are complete.")
+@click.option("--no-progress", is_flag=True)
+def main(input_path, out, bundle, demo, backend, providers, batch_size, refine, crf_workers, max_peaks,
+         score_threshold, peak_threshold, mask_threshold, save, resume, no_progress) -> None:
+    """Segment instances in INPUT (a folder, an image, or a .txt list of paths).
+
+    Exit status: 0 when every image completed, 1 when some images could not be read or
+    processed (listed in OUT/summary.json), 2 for usage errors, 130 when interrupted.
+    """
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    if demo:
+        from .demo import demo_images, ensure_demo_bundle
+
+        try:
+            bundle = bundle or ensure_demo_bundle(echo=click.echo)
+        except RuntimeError as exc:
+            raise click.ClickException(str(exc)) from exc
+        input_path = input_path or demo_images()
+        out = out or Path("iam-demo-output")
+    if input_path is None or out is None or bundle is None:
+        raise click.UsageError("give INPUT, -o OUT and --bundle DIR (or --demo)")
+    unknown = [s for s in save.split(",") if s and s not in SAVE_CHOICES]
+    if unknown:
+        raise click.BadParameter(f"unknown {unknown}; choose from {', '.join(SAVE_CHOICES)}", param_hint="--save")
+    if not input_path.exists():
+        raise click.ClickException(f"input not found: {input_path}")
+    try:
+        loaded = load_bundle(bundle)
+        engine = select_backend(loaded, backend, providers.split(",") if providers else None)
+    except (BundleError, BackendError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    options = InferOptions(batch_size=batch_size, refine=refine, crf_workers=crf_workers, max_peaks=max_peaks,
+                           score_threshold=score_threshold, peak_threshold=peak_threshold,
+                           mask_threshold=mask_threshold, save=tuple(s for s in save.split(",") if s),
+                           resume=resume, progress=not no_progress)
+    click.echo(f"{engine.describe()}; bundle {bundle}", err=True)
+    try:
+        summary = run(loaded, engine, input_path, out, options)
+    except KeyboardInterrupt:
+        click.echo("interrupted: completed images are in place; run again with --resume to finish", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    click.echo(f"{summary.completed} images done, {summary.skipped_complete} already complete, {summary.failed} failed; "
+               f"{summary.instances} instances; {summary.images_per_second:.2f} images/s")
+    for err in summary.errors:
+        click.echo(f"  failed: {err['file']} ({err['stage']}): {err['reason']}", err=True)
+    click.echo(f"overlays in {out / 'overlays'}, predictions in {out / 'predictions.json'}")
+    sys.exit(EXIT_IMAGES_FAILED if summary.failed else EXIT_OK)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,282 @@
+"""The inference pipeline over a folder (DESIGN.md, "The runtime pipeline"):
+
+decode + resize (threads) -> detect (batched) -> select peaks -> segment (per image, peaks in
+chunks) -> refine (dense CRF) + write, in a process pool that overlaps the engine.
+
+Every output file is written atomically; an image's JSON record is written last and marks it
+complete, so ``resume`` skips exactly the images whose outputs are complete, and an interrupted
+run leaves no file that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import deque
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .bundle import Bundle, CRFSpec
+from .images import IMAGE_EXTENSIONS, ImageError, decode_image, list_images, preprocess
+from .outputs import Instance, atomic_write_bytes, is_complete, output_paths, write_image_outputs
+from .peaks import peak_input_coordinates, select_peaks
+from .refine import refine_instances
+
+log = logging.getLogger(__name__)
+SAVE_CHOICES = ("masks", "overlays", "json")
+
+
+@dataclass
+class InferOptions:
+    batch_size: int = 4
+    refine: str = "crf"  # crf | threshold | none
+    crf_workers: int = 0  # 0: one per CPU core
+    max_peaks: int | None = None  # per image; default: the bundle's
+    score_threshold: float | None = None  # class score threshold; default: the bundle's
+    peak_threshold: float | None = None
+    mask_threshold: float = 0.5
+    nms_iou: float = 0.5  # same-class masks overlapping more than this: the lower score is dropped
+    peak_chunk: int = 8  # peaks per segment call (bounds memory)
+    save: tuple[str, ...] = SAVE_CHOICES
+    resume: bool = False
+    decode_threads: int = 2
+    progress: bool = True
+
+
+@dataclass
+class InputItem:
+    path: Path
+    image_id: str  # path relative to INPUT without extension (with it, if two inputs share a stem)
+    file_name: str  # path relative to INPUT
+    stem: str  # output name, unique
+
+
+@dataclass
+class RunSummary:
+    images: int = 0
+    completed: int = 0
+    skipped_complete: int = 0
+    failed: int = 0
+    instances: int = 0
+    images_without_instances: int = 0
+    seconds: float = 0.0
+    images_per_second: float = 0.0
+    stage_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
+        ("decode", "detect", "segment", "refine", "write"), 0.0))
+    errors: list[dict[str, str]] = field(default_factory=list)
+    backend: str = ""
+    bundle: str = ""
+
+
+def collect_inputs(source: str | Path) -> tuple[Path, list[InputItem]]:
+    """A folder (recursive, sorted), one image file, or a .txt file listing paths (one per line,
+    relative to the list's folder or absolute)."""
+    source = Path(source)
+    if source.is_dir():
+        root, paths = source, list_images(source)
+    elif source.is_file() and source.suffix.lower() == ".txt":
+        root = source.parent
+        paths = []
+        for line in source.read_text().splitlines():
+            if line.strip() and not line.lstrip().startswith("#"):
+                p = Path(line.strip())
+                paths.append(p if p.is_absolute() else root / p)
+    elif source.is_file() or source.suffix.lower() in IMAGE_EXTENSIONS:
+        root, paths = source.parent, [source]
+    else:
+        raise FileNotFoundError(f"input not found: {source}")
+    items = []
+    for p in paths:
+        try:
+            rel = p.relative_to(root)
+        except ValueError:
+            rel = Path(p.name)
+        items.append(InputItem(p, rel.with_suffix("").as_posix(), rel.as_posix(), rel.with_suffix("").as_posix()))
+    counts: dict[str, int] = {}
+    for it in items:
+        counts[it.image_id] = counts.get(it.image_id, 0) + 1
+    for it in items:
+        if counts[it.image_id] > 1:  # a.jpg and a.png: keep the extension to tell them apart
+            it.image_id = it.file_name
+            it.stem = it.file_name.replace(".", "_")
+    return root, items
+
+
+def _decode(item: InputItem, size, mean, std):
+    started = time.perf_counter()
+    rgb = decode_image(item.path)
+    return rgb, preprocess(rgb, size, mean, std), time.perf_counter() - started
+
+
+def _nms(instances: list[Instance], iou: float) -> list[Instance]:
+    kept: list[Instance] = []
+    for ins in sorted(instances, key=lambda i: -i.score):
+        area = ins.mask.sum()
+        if area == 0:
+            continue
+        duplicate = False
+        for k in kept:
+            if k.class_index == ins.class_index:
+                inter = np.logical_and(k.mask, ins.mask).sum()
+                if inter / (area + k.mask.sum() - inter) > iou:
+                    duplicate = True
+                    break
+        if not duplicate:
+            kept.append(ins)
+    return kept
+
+
+def refine_and_write(rgb: np.ndarray, maps: np.ndarray, meta: list[tuple[int, float, float, tuple[int, int]]],
+                     method: str, crf: CRFSpec, mask_threshold: float, nms_iou: float, out_dir: str, stem: str,
+                     image_id: str, file_name: str, classes: list[str], save: tuple[str, ...]):
+    """Worker: masks for one image's activation maps, duplicates removed, outputs written.
+    Returns (records, refine seconds, write seconds)."""
+    started = time.perf_counter()
+    masks = refine_instances(rgb, maps, "crf" if method == "crf" else "threshold", crf, mask_threshold)
+    instances = [Instance(c, s, cs, p, m) for (c, s, cs, p), m in zip(meta, masks)]
+    instances = _nms(instances, nms_iou)
+    refined = time.perf_counter()
+    records = write_image_outputs(output_paths(Path(out_dir), stem), rgb, instances, classes, image_id, file_name,
+                                  set(save))
+    return records, refined - started, time.perf_counter() - refined
+
+
+def _clean_temporaries(out_dir: Path) -> None:
+    for sub in ("instances", "classes", "overlays", "records"):
+        for tmp in (out_dir / sub).rglob(".*.tmp") if (out_dir / sub).is_dir() else []:
+            tmp.unlink(missing_ok=True)
+
+
+def run(bundle: Bundle, backend, source: str | Path, out_dir: str | Path, options: InferOptions) -> RunSummary:
+    """Run the pipeline; returns the summary (also written to OUT/summary.json)."""
+    from tqdm import tqdm
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _clean_temporaries(out_dir)
+    m = bundle.manifest
+    _, items = collect_inputs(source)
+    summary = RunSummary(images=len(items), backend=backend.describe(), bundle=str(bundle.root))
+    save = tuple(s for s in options.save if s in SAVE_CHOICES)
+    max_peaks = options.max_peaks or m.peaks.max_peaks
+    class_threshold = m.peaks.class_threshold if options.score_threshold is None else options.score_threshold
+    peak_threshold = m.peaks.peak_threshold if options.peak_threshold is None else options.peak_threshold
+    crm_size = (m.input.size[0] // m.peaks.stride, m.input.size[1] // m.peaks.stride)
+    todo = []
+    for it in items:
+        if options.resume and is_complete(output_paths(out_dir, it.stem), set(save)):
+            summary.skipped_complete += 1
+        else:
+            todo.append(it)
+
+    started = time.perf_counter()
+    workers = options.crf_workers or os.cpu_count() or 1
+    pool = ProcessPoolExecutor(workers) if workers > 1 and todo else None
+    decoder = ThreadPoolExecutor(max(1, options.decode_threads))
+    in_flight: deque[tuple[InputItem, Future | tuple]] = deque()
+    bar = tqdm(total=len(todo), desc="images", unit="img", disable=not options.progress)
+
+    def finish(item: InputItem, result) -> None:
+        try:
+            records, refine_s, write_s = result.result() if isinstance(result, Future) else result
+        except Exception as exc:  # a worker failure is this image's failure, not the run's
+            summary.failed += 1
+            summary.errors.append({"file": item.file_name, "stage": "refine/write", "reason": f"{type(exc).__name__}: {exc}"})
+        else:
+            summary.completed += 1
+            summary.instances += len(records)
+            summary.images_without_instances += not records
+            summary.stage_seconds["refine"] += refine_s
+            summary.stage_seconds["write"] += write_s
+        bar.update(1)
+
+    def drain(limit: int) -> None:
+        while len(in_flight) > limit or (in_flight and isinstance(in_flight[0][1], tuple)):
+            item, result = in_flight.popleft()
+            finish(item, result)
+
+    try:
+        queue = deque(todo)
+        pending = deque()  # decode futures, prefetched ahead of the engine
+
+        def refill():
+            while queue and len(pending) < 2 * options.batch_size:
+                it = queue.popleft()
+                pending.append((it, decoder.submit(_decode, it, m.input.size, m.input.mean, m.input.std)))
+
+        refill()
+        while pending:
+            batch = []
+            while pending and len(batch) < options.batch_size:
+                it, fut = pending.popleft()
+                try:
+                    rgb, tensor, secs = fut.result()
+                    summary.stage_seconds["decode"] += secs
+                    batch.append((it, rgb, tensor))
+                except ImageError as exc:
+                    summary.failed += 1
+                    summary.errors.append({"file": it.file_name, "stage": "decode", "reason": str(exc)})
+                    bar.update(1)
+            refill()
+            if not batch:
+                continue
+            t0 = time.perf_counter()
+            det = backend.detect(np.stack([b[2] for b in batch]))
+            summary.stage_seconds["detect"] += time.perf_counter() - t0
+            for i, (it, rgb, tensor) in enumerate(batch):
+                chosen = select_peaks(det["class_scores"][i], det["peak_coords"][i], det["peak_values"][i],
+                                      int(det["peak_counts"][i]), class_threshold, peak_threshold, max_peaks)
+                coords = det["peak_coords"][i][chosen]
+                maps = np.zeros((0, *m.input.size), dtype=np.float32)
+                if len(chosen):
+                    t0 = time.perf_counter()
+                    parts = [backend.segment(tensor[None], np.ascontiguousarray(coords[s : s + options.peak_chunk]))["iam"]
+                             for s in range(0, len(coords), options.peak_chunk)]
+                    summary.stage_seconds["segment"] += time.perf_counter() - t0
+                    maps = np.concatenate(parts).astype(np.float32)
+                yx = peak_input_coordinates(coords, crm_size, m.peaks.upsample_factor, m.peaks.stride)
+                scale = np.array([rgb.shape[0] / m.input.size[0], rgb.shape[1] / m.input.size[1]])
+                meta = [(int(c[0]), float(det["peak_values"][i][j]), float(det["class_scores"][i][c[0]]),
+                         tuple(int(v) for v in np.clip(p * scale, 0, np.array(rgb.shape[:2]) - 1)))
+                        for j, c, p in zip(chosen, coords, yx)]
+                args = (rgb, maps, meta, options.refine, m.crf, options.mask_threshold, options.nms_iou, str(out_dir),
+                        it.stem, it.image_id, it.file_name, list(m.classes), save)
+                if pool is not None:
+                    in_flight.append((it, pool.submit(refine_and_write, *args)))
+                else:
+                    try:
+                        in_flight.append((it, refine_and_write(*args)))
+                    except Exception as exc:
+                        summary.failed += 1
+                        summary.errors.append({"file": it.file_name, "stage": "refine/write",
+                                               "reason": f"{type(exc).__name__}: {exc}"})
+                        bar.update(1)
+                drain(2 * workers)
+        drain(0)
+    finally:
+        bar.close()
+        decoder.shutdown(wait=False, cancel_futures=True)
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+    summary.seconds = time.perf_counter() - started
+    summary.images_per_second = (summary.completed / summary.seconds) if summary.seconds else 0.0
+    write_predictions(out_dir, items, summary, save)
+    return summary
+
+
+def write_predictions(out_dir: Path, items: list[InputItem], summary: RunSummary, save: tuple[str, ...]) -> None:
+    """predictions.json (COCO results: a list of instances) over every complete image of the
+    input, and summary.json."""
+    predictions = []
+    for it in items:
+        record = output_paths(out_dir, it.stem).record
+        if record.is_file():
+            predictions.extend(json.loads(record.read_text())["instances"])
+    if "json" in save:
+        atomic_write_bytes(out_dir / "predictions.json", json.dumps(predictions).encode())
+    atomic_write_bytes(out_dir / "summary.json", json.dumps(asdict(summary), indent=2).encode())
