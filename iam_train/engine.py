@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
+from .evaluate import average_precision  # noqa: F401  (re-exported for the trainers)
+
 
 @dataclass
 class Runtime:
@@ -129,22 +131,3 @@ def prepare_run_dir(out: Path, resume: bool) -> None:
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-
-
-def average_precision(scores, positives) -> float:
-    """All-point (VOC 2010+) AP of one class: scores (N,), positives (N,) bool."""
-    import numpy as np
-
-    order = np.argsort(-np.asarray(scores), kind="stable")
-    hits = np.asarray(positives, bool)[order]
-    if hits.sum() == 0:
-        return float("nan")
-    tp = np.cumsum(hits)
-    precision = tp / np.arange(1, len(hits) + 1)
-    recall = tp / hits.sum()
-    prec = np.concatenate(([0.0], precision, [0.0]))
-    rec = np.concatenate(([0.0], recall, [1.0]))
-    for i in range(len(prec) - 2, -1, -1):
-        prec[i] = max(prec[i], prec[i + 1])
-    idx = np.flatnonzero(rec[1:] != rec[:-1])
-    return float(((rec[idx + 1] - rec[idx]) * prec[idx + 1]).sum())
