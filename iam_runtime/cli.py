@@ -27,6 +27,8 @@ EXIT_OK, EXIT_IMAGES_FAILED, EXIT_INTERRUPTED = 0, 1, 130
 @click.option("--refine", type=click.Choice(["crf", "threshold", "none"]), default="crf", show_default=True,
               help="crf: dense CRF per instance; threshold/none: activation map >= --mask-threshold.")
 @click.option("--crf-workers", default=0, show_default=True, help="Refinement processes (0: one per core).")
+@click.option("--crf-max-side", default=320, show_default=True,
+              help="Run the CRF on the image scaled to this longer side (0: full resolution, as the reference).")
 @click.option("--max-peaks", type=int, default=None, help="Instances per image at most (default: the bundle's).")
 @click.option("--score-threshold", type=float, default=None, help="Class score (logit) threshold.")
 @click.option("--peak-threshold", type=float, default=None, help="Peak value threshold.")
@@ -34,7 +36,7 @@ EXIT_OK, EXIT_IMAGES_FAILED, EXIT_INTERRUPTED = 0, 1, 130
 @click.option("--save", default=",".join(SAVE_CHOICES), show_default=True, help="What to write.")
 @click.option("--resume", is_flag=True, help="Skip images whose outputs are complete.")
 @click.option("--no-progress", is_flag=True)
-def main(input_path, out, bundle, demo, backend, providers, batch_size, refine, crf_workers, max_peaks,
+def main(input_path, out, bundle, demo, backend, providers, batch_size, refine, crf_workers, crf_max_side, max_peaks,
          score_threshold, peak_threshold, mask_threshold, save, resume, no_progress) -> None:
     """Segment instances in INPUT (a folder, an image, or a .txt list of paths).
 
@@ -63,7 +65,8 @@ def main(input_path, out, bundle, demo, backend, providers, batch_size, refine, 
         engine = select_backend(loaded, backend, providers.split(",") if providers else None)
     except (BundleError, BackendError) as exc:
         raise click.ClickException(str(exc)) from exc
-    options = InferOptions(batch_size=batch_size, refine=refine, crf_workers=crf_workers, max_peaks=max_peaks,
+    options = InferOptions(batch_size=batch_size, refine=refine, crf_workers=crf_workers, crf_max_side=crf_max_side,
+                           max_peaks=max_peaks,
                            score_threshold=score_threshold, peak_threshold=peak_threshold,
                            mask_threshold=mask_threshold, save=tuple(s for s in save.split(",") if s),
                            resume=resume, progress=not no_progress)

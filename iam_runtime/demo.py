@@ -27,9 +27,9 @@ def demo_images() -> Path:
     return listing
 
 
-def ensure_demo_bundle(echo=print) -> Path:
-    """The cached demo bundle, built first if absent."""
-    root = demo_dir()
+def ensure_demo_bundle(echo=print, root: Path | None = None) -> Path:
+    """The demo bundle under ``root`` (default: the user cache), built first if absent."""
+    root = root or demo_dir()
     bundle = root / "bundle"
     if (bundle / "manifest.json").is_file():
         return bundle

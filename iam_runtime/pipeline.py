@@ -36,6 +36,7 @@ class InferOptions:
     batch_size: int = 4
     refine: str = "crf"  # crf | threshold | none
     crf_workers: int = 0  # 0: one per CPU core
+    crf_max_side: int = 320  # CRF on the image scaled to this longer side (0: full resolution, the reference)
     max_peaks: int | None = None  # per image; default: the bundle's
     score_threshold: float | None = None  # class score threshold; default: the bundle's
     peak_threshold: float | None = None
@@ -133,17 +134,28 @@ def _nms(instances: list[Instance], iou: float) -> list[Instance]:
 
 def refine_and_write(rgb: np.ndarray, maps: np.ndarray, meta: list[tuple[int, float, float, tuple[int, int]]],
                      method: str, crf: CRFSpec, mask_threshold: float, nms_iou: float, out_dir: str, stem: str,
-                     image_id: str, file_name: str, classes: list[str], save: tuple[str, ...]):
+                     image_id: str, file_name: str, classes: list[str], save: tuple[str, ...], crf_max_side: int = 0):
     """Worker: masks for one image's activation maps, duplicates removed, outputs written.
     Returns (records, refine seconds, write seconds)."""
     started = time.perf_counter()
-    masks = refine_instances(rgb, maps, "crf" if method == "crf" else "threshold", crf, mask_threshold)
+    masks = refine_instances(rgb, maps, "crf" if method == "crf" else "threshold", crf, mask_threshold, crf_max_side)
     instances = [Instance(c, s, cs, p, m) for (c, s, cs, p), m in zip(meta, masks)]
     instances = _nms(instances, nms_iou)
     refined = time.perf_counter()
     records = write_image_outputs(output_paths(Path(out_dir), stem), rgb, instances, classes, image_id, file_name,
                                   set(save))
     return records, refined - started, time.perf_counter() - refined
+
+
+def _worker_context():
+    """Workers must not be forked from this process: it holds onnxruntime (and maybe CUDA)
+    state and threads, and a forked copy can deadlock on a lock or condition variable taken at
+    fork time (seen: a worker's garbage collector hanging in an inherited onnxruntime object).
+    forkserver forks from a clean server process; spawn where that is not available."""
+    import multiprocessing
+
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
 
 
 def _clean_temporaries(out_dir: Path) -> None:
@@ -176,7 +188,7 @@ def run(bundle: Bundle, backend, source: str | Path, out_dir: str | Path, option
 
     started = time.perf_counter()
     workers = options.crf_workers or os.cpu_count() or 1
-    pool = ProcessPoolExecutor(workers) if workers > 1 and todo else None
+    pool = ProcessPoolExecutor(workers, mp_context=_worker_context()) if workers > 1 and todo else None
     decoder = ThreadPoolExecutor(max(1, options.decode_threads))
     in_flight: deque[tuple[InputItem, Future | tuple]] = deque()
     bar = tqdm(total=len(todo), desc="images", unit="img", disable=not options.progress)
@@ -245,7 +257,7 @@ def run(bundle: Bundle, backend, source: str | Path, out_dir: str | Path, option
                          tuple(int(v) for v in np.clip(p * scale, 0, np.array(rgb.shape[:2]) - 1)))
                         for j, c, p in zip(chosen, coords, yx)]
                 args = (rgb, maps, meta, options.refine, m.crf, options.mask_threshold, options.nms_iou, str(out_dir),
-                        it.stem, it.image_id, it.file_name, list(m.classes), save)
+                        it.stem, it.image_id, it.file_name, list(m.classes), save, options.crf_max_side)
                 if pool is not None:
                     in_flight.append((it, pool.submit(refine_and_write, *args)))
                 else:

@@ -1,0 +1,32 @@
+"""Benchmark smoke test: a tiny model, one repetition; the JSON has every path with outputs.
+No timing assertions (figures live in the benchmark's output, not in tests)."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+
+from benchmarks.latency import main
+
+
+def test_latency_benchmark_smoke(tmp_path):
+    result = CliRunner().invoke(main, [
+        "--backbone", "resnet18", "--image-size", "64", "--peaks", "2", "--batch-sizes", "1,2", "--images", "3",
+        "--reference-images", "2", "--steps", "2", "--hidden", "8", "--upsample", "4", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "latency.json").read_text())
+    paths = report["paths"]
+    for name in ("reference", "torch", "onnxruntime-cpu-b1", "onnxruntime-cpu-b2"):
+        r = paths[name]
+        assert set(r["stage_mean_s"]) == {"decode", "detect", "segment", "crf", "write"}
+        assert r["end_to_end_per_image_s"] > 0 and r["images_per_s"] > 0 and r["speedup"] > 0
+    assert paths["reference"]["speedup"] == 1.0
+    for name in ("onnxruntime-cpu-b1", "onnxruntime-cpu-b2"):
+        preds = json.loads((tmp_path / "runs" / name / "predictions.json").read_text())
+        assert len({p["image_id"] for p in preds}) == 3  # every image produced instances
+    assert 0 <= report["agreement_onnxruntime_vs_reference_mask_iou"] <= 1
+    assert {"speedup", "mean_iou_vs_full_resolution"} <= set(report["crf"])
+    assert report["flops"]["detect_per_image"] > 0 and report["flops"]["segment_per_image"] > 0
+    assert (tmp_path / "latency.md").read_text().count("|") > 20
+    assert (tmp_path / "latency.png").stat().st_size > 1000
