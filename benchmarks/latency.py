@@ -119,9 +119,11 @@ def peak_rss_mb() -> dict[str, float]:
 @click.option("--upsample", default=8, show_default=True)
 @click.option("--warmup", default=1, show_default=True)
 @click.option("--crf-workers", default=0, show_default=True)
+@click.option("--no-crf/--crf-only", "no_crf", default=True, show_default=True,
+              help="Also time the runtime without CRF (threshold refinement).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
 def main(backbone, image_size, num_peaks, batch_sizes, num_images, reference_images, steps, hidden, upsample, warmup,
-         crf_workers, out) -> None:
+         crf_workers, no_crf, out) -> None:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     classes = [f"class{i}" for i in range(20)]
@@ -224,23 +226,24 @@ def main(backbone, image_size, num_peaks, batch_sizes, num_images, reference_ima
         else:
             results["paths"][name] = {"skipped": f"{prov} not available (no GPU or onnxruntime-gpu here)"}
     agreement = None
+    variants = [("", "crf")] + ([("-nocrf", "threshold")] if no_crf else [])
     for name, providers in provider_sets:
         backend = OnnxRuntimeBackend(bundle, providers)
-        for bs in [int(b) for b in batch_sizes.split(",")]:
-            run_dir = out / "runs" / f"{name}-b{bs}"
+        for (suffix, refine), bs in [(v, int(b)) for v in variants for b in batch_sizes.split(",")]:
+            run_dir = out / "runs" / f"{name}-b{bs}{suffix}"
             shutil.rmtree(run_dir, ignore_errors=True)
-            options = InferOptions(batch_size=bs, max_peaks=num_peaks, score_threshold=float("-inf"),
+            options = InferOptions(batch_size=bs, max_peaks=num_peaks, score_threshold=float("-inf"), refine=refine,
                                    peak_threshold=float("-inf"), nms_iou=1.01, crf_workers=crf_workers, progress=False)
             run(bundle, backend, photos[0], out / "runs" / "warmup", options)  # warm-up, excluded
             rss_before = peak_rss_mb()
             summary = run(bundle, backend, out / "images", run_dir, options)
             stage = {k: v / max(summary.completed, 1) for k, v in summary.stage_seconds.items()}
-            results["paths"][f"{name}-b{bs}"] = {
+            results["paths"][f"{name}-b{bs}{suffix}"] = {
                 "images_per_s": summary.images_per_second, "end_to_end_per_image_s": summary.seconds / summary.completed,
                 "stage_mean_s": {"decode": stage["decode"], "detect": stage["detect"], "segment": stage["segment"],
                                  "crf": stage["refine"], "write": stage["write"]},
                 "peak_rss_mb": peak_rss_mb(), "rss_before_mb": rss_before, "providers": backend.providers}
-            if name == "onnxruntime-cpu" and agreement is None:
+            if name == "onnxruntime-cpu" and refine == "crf" and agreement is None:
                 agreement = _agreement(run_dir, ref_masks)
     results["agreement_onnxruntime_vs_reference_mask_iou"] = agreement
 

@@ -51,20 +51,18 @@ def ensure_demo_bundle(echo=print, root: Path | None = None) -> Path:
         echo("1/4 synthetic VOC-layout dataset")
         generate(data, SynthConfig(images=120, size=128, seed=0))
     prm, filling = root / "prm", root / "filling"
-    for run in (prm, filling):
+    for run in (prm, filling):  # an interrupted stage resumes from its last epoch; one with none restarts
         if run.exists() and not (run / "last.pt").is_file():
             shutil.rmtree(run)
     echo("2/4 peak network (resnet18 at 224 px)")
     prm_config = PRMTrainConfig(data=str(data), split="train", val_split="val", backbone="resnet18", image_size=224,
                                 epochs=6, batch_size=16, backbone_lr_mult=1.0, workers=0, bn_recalibration_batches=4)
-    if not (prm / "last.pt").is_file():
-        train_prm(prm_config, prm)
+    train_prm(prm_config, prm, resume=(prm / "last.pt").is_file())
     echo("3/4 filling network")
     fill_config = FillingTrainConfig(data=str(data), split="train", prm=str(prm), epochs=3, batch_size=4, lr=0.01,
                                      optimizer="adam", hidden=16, steps=28, max_peaks_per_image=2, workers=0,
                                      bn_recalibration_batches=10)
-    if not (filling / "last.pt").is_file():
-        train_filling(fill_config, filling)
+    train_filling(fill_config, filling, resume=(filling / "last.pt").is_file())
     echo("4/4 exporting the bundle")
     export_bundle(prm, filling, bundle, ExportOptions(max_peaks=32, force=True), log=lambda *_: None)
     return bundle

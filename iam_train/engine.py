@@ -131,3 +131,29 @@ def prepare_run_dir(out: Path, resume: bool) -> None:
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
+
+
+def restore_training_state(ckpt: dict, model, optimizer, scheduler) -> tuple[int, float]:
+    """Load a checkpoint written by :func:`save_training_state`: returns (epochs done, best metric)
+    and restores the RNG states, so the run continues bit for bit."""
+    from .checkpoint import set_rng_state
+
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    set_rng_state(ckpt["rng"])
+    return ckpt["epoch"], ckpt["best_metric"]
+
+
+def save_training_state(out: Path, kind: str, model, optimizer, scheduler, epoch: int, best: float, config,
+                        is_best: bool, **extra) -> None:
+    """last.pt (and best.pt when ``is_best``), atomically, with all a resume needs."""
+    import dataclasses
+
+    from .checkpoint import rng_state, save_checkpoint
+
+    payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+               "epoch": epoch, "best_metric": best, "rng": rng_state(), "config": dataclasses.asdict(config), **extra}
+    save_checkpoint(out / "last.pt", kind, payload)
+    if is_best:
+        save_checkpoint(out / "best.pt", kind, payload)

@@ -3,7 +3,6 @@ peak network frozen and its peak backprop in the batched form (SPEC section 3)."
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import time
 from pathlib import Path
@@ -16,10 +15,18 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .batchnorm import recalibrate_batchnorm
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import load_checkpoint
 from .config import FillingTrainConfig, save_config
 from .data.datasets import FillingDataset, FillingItem, collate_skip
-from .engine import EpochSampler, RunLog, autocast, prepare_run_dir, setup_runtime
+from .engine import (
+    EpochSampler,
+    RunLog,
+    autocast,
+    prepare_run_dir,
+    restore_training_state,
+    save_training_state,
+    setup_runtime,
+)
 from .models import InstanceExtentFilling, PeakBackprop, ResNetFCN, find_peaks
 from .pseudo_gt import pseudo_targets
 from .validate import instance_quality
@@ -102,11 +109,7 @@ def train_filling(config: FillingTrainConfig, out: str | Path, resume: bool = Fa
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 1.0)
     start_epoch, best = 0, float("-inf")
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        start_epoch, best = ckpt["epoch"], ckpt["best_metric"]
-        set_rng_state(ckpt["rng"])
+        start_epoch, best = restore_training_state(ckpt, model, opt, sched)
     if rt.is_main:
         save_config(config, out / "config.yaml")
     net = DistributedDataParallel(model) if rt.distributed else model
@@ -174,14 +177,9 @@ def train_filling(config: FillingTrainConfig, out: str | Path, resume: bool = Fa
         is_best = metric > best
         best = max(best, metric)
         if rt.is_main:
-            payload = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                       "epoch": epoch + 1, "best_metric": best, "rng": rng_state(),
-                       "config": dataclasses.asdict(config), "prm_meta": meta,
-                       "filling": {"channels": config.channels, "kernel_size": config.kernel_size,
-                                   "hidden": config.hidden, "steps": config.steps}}
-            save_checkpoint(out / "last.pt", "iam-filling", payload)
-            if is_best:
-                save_checkpoint(out / "best.pt", "iam-filling", payload)
+            save_training_state(out, "iam-filling", model, opt, sched, epoch + 1, best, config, is_best, prm_meta=meta,
+                                filling={"channels": config.channels, "kernel_size": config.kernel_size,
+                                         "hidden": config.hidden, "steps": config.steps})
             log.epoch(row)
             tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
         summary.update(row)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import time
 from pathlib import Path
@@ -15,10 +14,20 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .batchnorm import recalibrate_batchnorm
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import load_checkpoint
 from .config import PRMTrainConfig, save_config
 from .data.datasets import ClassificationDataset, collate_skip
-from .engine import EpochSampler, RunLog, Runtime, autocast, average_precision, prepare_run_dir, setup_runtime
+from .engine import (
+    EpochSampler,
+    RunLog,
+    Runtime,
+    autocast,
+    average_precision,
+    prepare_run_dir,
+    restore_training_state,
+    save_training_state,
+    setup_runtime,
+)
 from .models import ResNetFCN, find_peaks, peak_stimulated_scores
 
 
@@ -97,11 +106,7 @@ def train_prm(config: PRMTrainConfig, out: str | Path, resume: bool = False, pro
     if ckpt is not None:
         if tuple(ckpt["classes"]) != tuple(classes):
             raise ValueError(f"{out / 'last.pt'} was trained on classes {ckpt['classes']}, the data has {classes}")
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        start_epoch, best = ckpt["epoch"], ckpt["best_metric"]
-        set_rng_state(ckpt["rng"])
+        start_epoch, best = restore_training_state(ckpt, model, opt, sched)
     if rt.is_main:
         save_config(config, out / "config.yaml")
     net = DistributedDataParallel(model) if rt.distributed else model
@@ -143,16 +148,10 @@ def train_prm(config: PRMTrainConfig, out: str | Path, resume: bool = False, pro
         is_best = metric > best
         best = max(best, metric)
         if rt.is_main:
-            payload = {
-                "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "epoch": epoch + 1, "best_metric": best, "rng": rng_state(), "config": dataclasses.asdict(config),
-                "classes": list(classes), "arch": config.backbone, "image_size": config.image_size,
-                "upsample_factor": config.upsample_factor, "win_size": config.win_size,
-                "threshold_mode": config.threshold_mode,
-            }
-            save_checkpoint(out / "last.pt", "iam-prm", payload)
-            if is_best:
-                save_checkpoint(out / "best.pt", "iam-prm", payload)
+            save_training_state(out, "iam-prm", model, opt, sched, epoch + 1, best, config, is_best,
+                                classes=list(classes), arch=config.backbone, image_size=config.image_size,
+                                upsample_factor=config.upsample_factor, win_size=config.win_size,
+                                threshold_mode=config.threshold_mode)
             log.epoch(row)
             tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
         summary.update(row)
