@@ -91,8 +91,10 @@ class _PropagateBody(torch.nn.Module):
 def _as_function(module: torch.nn.Module, args: tuple, dynamic_shapes, name: str, attributes: list[str],
                  opset: int) -> onnx.FunctionProto:
     """Export a decomposition and wrap its graph as ``iam.<name>`` (initialisers become Constants)."""
-    proto = torch.onnx.export(module, args, dynamo=True, dynamic_shapes=dynamic_shapes, opset_version=opset,
-                              verbose=False).model_proto
+    # optimize=False: the decomposition is already plain ops, and the exporter's rewriter takes
+    # minutes over the unrolled propagation steps (T = 112).
+    proto = torch.onnx.export(module.eval(), args, dynamo=True, dynamic_shapes=dynamic_shapes, opset_version=opset,
+                              verbose=False, optimize=False).model_proto
     graph = proto.graph
     nodes = [onnx.helper.make_node("Constant", [], [init.name], value=init) for init in graph.initializer]
     nodes += list(graph.node)
