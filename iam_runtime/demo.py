@@ -44,6 +44,10 @@ def ensure_demo_bundle(echo=print, root: Path | None = None) -> Path:
             f"building the demo trains a small model first, which needs the training extras ({exc}); "
             "install them with: pip install -e '.[all]'"
         ) from None
+    import logging
+
+    for noisy in ("torch.onnx", "onnxscript", "onnx_ir"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     echo(f"building the demo once under {root} (synthetic data, a small model, its bundle; no download)")
     root.mkdir(parents=True, exist_ok=True)
     data = root / "data"
