@@ -91,10 +91,18 @@ class _PropagateBody(torch.nn.Module):
 def _as_function(module: torch.nn.Module, args: tuple, dynamic_shapes, name: str, attributes: list[str],
                  opset: int) -> onnx.FunctionProto:
     """Export a decomposition and wrap its graph as ``iam.<name>`` (initialisers become Constants)."""
-    # optimize=False: the decomposition is already plain ops, and the exporter's rewriter takes
-    # minutes over the unrolled propagation steps (T = 112).
-    proto = torch.onnx.export(module.eval(), args, dynamo=True, dynamic_shapes=dynamic_shapes, opset_version=opset,
-                              verbose=False, optimize=False).model_proto
+    # The exporter's full optimiser (pattern rewrites) takes minutes over the unrolled propagation
+    # steps (T = 112); the decomposition is plain ops already, so only constants are folded (this
+    # also turns CastLike into Cast, which TensorRT's parser takes) and dead nodes dropped.
+    import onnx_ir
+    import onnxscript.optimizer
+    from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+    program = torch.onnx.export(module.eval(), args, dynamo=True, dynamic_shapes=dynamic_shapes, opset_version=opset,
+                                verbose=False, optimize=False)
+    onnxscript.optimizer.fold_constants(program.model)
+    RemoveUnusedNodesPass()(program.model)
+    proto = onnx_ir.to_proto(program.model)
     graph = proto.graph
     nodes = [onnx.helper.make_node("Constant", [], [init.name], value=init) for init in graph.initializer]
     nodes += list(graph.node)
