@@ -186,7 +186,7 @@ def _check_destination(out: Path, force: bool) -> None:
         raise ExportError(f"{out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise ExportError(f"{out} exists and is not empty; pass --force to replace it")
-    parent = out.parent if out.parent != Path("") else Path(".")
+    parent = out.parent
     parent.mkdir(parents=True, exist_ok=True)
     if not os.access(parent, os.W_OK):
         raise ExportError(f"cannot write to {parent}")

@@ -220,13 +220,14 @@ def build_bundle_engines(bundle_dir: str | Path, options: BuildOptions, calib_im
         elif options.fp16 and precision == "fp32":
             precision = "fp16"  # TensorRT 10 flag path; on 11 export an fp16 bundle instead
         log(f"building {key} engine ({precision}) for {gpu} (sm {capability}) ...")
-        blob = build_engine(trt, onnx.load(path), profiles_for(key, graph.inputs, options), options)
+        profiles = profiles_for(key, graph.inputs, options)
+        blob = build_engine(trt, onnx.load(path), profiles, options)
         file = f"{key}.{precision}.sm{capability.replace('.', '')}.trt{trt.__version__}.engine"
         tmp = bundle.root / f".{file}.tmp"
         tmp.write_bytes(blob)
         os.replace(tmp, bundle.root / file)
         engines.append(EngineSpec(key, file, sha256_file(bundle.root / file), gpu, capability, trt.__version__,
-                                  precision, profiles_for(key, graph.inputs, options)))
+                                  precision, profiles))
     manifest.engines = [e for e in manifest.engines if (e.gpu, e.tensorrt_version) != (gpu, trt.__version__)] + engines
     save_manifest(bundle.root, manifest)
     return engines

@@ -34,9 +34,9 @@ def compare(graph: str, names: list[str], onnx_outputs: list[np.ndarray], torch_
             continue
         if np.issubdtype(want.dtype, np.integer) or want.dtype == bool:
             diff = float(np.abs(got.astype(np.int64) - want.astype(np.int64)).max(initial=0))
-            rows_differ = (got != want).reshape(want.shape[0], -1) if want.ndim > 1 else (got != want)[:, None]
-            if want.ndim == 3:  # (B, K, 3) peak rows
-                rows_differ = (got != want).any(-1)
+            rows_differ = got != want
+            if want.ndim == 3:  # (B, K, 3) peak rows: a row differs when any coordinate does
+                rows_differ = rows_differ.any(-1)
             fraction = float(rows_differ.mean()) if rows_differ.size else 0.0
             tol = INTEGER_MISMATCH_TOLERANCE[precision]
             rows.append(ParityRow(graph, name, diff, fraction, tol, fraction <= tol))

@@ -194,7 +194,5 @@ def select_backend(bundle: Bundle, backend: str = "auto", providers: list[str] |
         try:
             return TensorRTBackend(bundle)
         except BackendError as exc:
-            if backend == "tensorrt" and not bundle.manifest.graphs:
-                raise
             log.warning("%s; using the ONNX graphs with onnxruntime instead", exc)
     return OnnxRuntimeBackend(bundle, providers, cache_dir, threads)

@@ -12,7 +12,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif"})
 MAX_PIXELS = 80_000_000  # larger non-JPEG images are refused
@@ -50,7 +50,6 @@ def decode_image(path: str | Path) -> np.ndarray:
                     img.draft("RGB", (MAX_SIDE, MAX_SIDE))
                 elif w * h > MAX_PIXELS:
                     raise ImageError(f"too large ({w}x{h} pixels; the limit is {MAX_PIXELS} for non-JPEG images)")
-                ImageFile.LOAD_TRUNCATED_IMAGES = False
                 img.load()
                 img = ImageOps.exif_transpose(img)
                 return np.asarray(_to_rgb(img))

@@ -58,11 +58,16 @@ def save_label_png(path: Path, labels: np.ndarray) -> None:
     _save_image(path, img, format="PNG")
 
 
+def _colour(k: int) -> np.ndarray:
+    """VOC palette colour of instance k (1-based), skipping black and the 255 entry."""
+    return _PALETTE[k % 255 or 1]
+
+
 def overlay(rgb: np.ndarray, instances: list[Instance], classes: list[str]) -> Image.Image:
     """The image with translucent instance masks, outlines, class names and scores."""
     out = rgb.astype(np.float32).copy()
     for k, ins in enumerate(instances, 1):
-        colour = _PALETTE[k % 255 + (1 if k % 255 == 0 else 0)].astype(np.float32)
+        colour = _colour(k).astype(np.float32)
         out[ins.mask] = 0.45 * out[ins.mask] + 0.55 * colour
     img = Image.fromarray(out.clip(0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(img)
@@ -70,7 +75,7 @@ def overlay(rgb: np.ndarray, instances: list[Instance], classes: list[str]) -> I
         ys, xs = np.nonzero(ins.mask)
         if len(xs) == 0:
             continue
-        colour = tuple(int(c) for c in _PALETTE[k % 255 + (1 if k % 255 == 0 else 0)])
+        colour = tuple(int(c) for c in _colour(k))
         draw.rectangle([xs.min(), ys.min(), xs.max(), ys.max()], outline=colour, width=max(1, rgb.shape[1] // 300))
         label = f"{classes[ins.class_index]} {ins.score:.2f}"
         draw.text((int(xs.min()) + 2, int(ys.min()) + 1), label, fill=(255, 255, 255), stroke_width=2,

@@ -147,6 +147,16 @@ def refine_and_write(rgb: np.ndarray, maps: np.ndarray, meta: list[tuple[int, fl
     return records, refined - started, time.perf_counter() - refined
 
 
+def _run_inline(fn, *args) -> Future:
+    """Run ``fn`` here and now, as a completed Future (the pool's interface, without a pool)."""
+    future: Future = Future()
+    try:
+        future.set_result(fn(*args))
+    except Exception as exc:
+        future.set_exception(exc)
+    return future
+
+
 def _worker_context():
     """Workers must not be forked from this process: it holds onnxruntime (and maybe CUDA)
     state and threads, and a forked copy can deadlock on a lock or condition variable taken at
@@ -190,12 +200,13 @@ def run(bundle: Bundle, backend, source: str | Path, out_dir: str | Path, option
     workers = options.crf_workers or os.cpu_count() or 1
     pool = ProcessPoolExecutor(workers, mp_context=_worker_context()) if workers > 1 and todo else None
     decoder = ThreadPoolExecutor(max(1, options.decode_threads))
-    in_flight: deque[tuple[InputItem, Future | tuple]] = deque()
+    in_flight: deque[tuple[InputItem, Future]] = deque()
+    submit = pool.submit if pool is not None else _run_inline
     bar = tqdm(total=len(todo), desc="images", unit="img", disable=not options.progress)
 
     def finish(item: InputItem, result) -> None:
         try:
-            records, refine_s, write_s = result.result() if isinstance(result, Future) else result
+            records, refine_s, write_s = result.result()
         except Exception as exc:  # a worker failure is this image's failure, not the run's
             summary.failed += 1
             summary.errors.append({"file": item.file_name, "stage": "refine/write", "reason": f"{type(exc).__name__}: {exc}"})
@@ -208,7 +219,7 @@ def run(bundle: Bundle, backend, source: str | Path, out_dir: str | Path, option
         bar.update(1)
 
     def drain(limit: int) -> None:
-        while len(in_flight) > limit or (in_flight and isinstance(in_flight[0][1], tuple)):
+        while len(in_flight) > limit or (in_flight and in_flight[0][1].done()):
             item, result = in_flight.popleft()
             finish(item, result)
 
@@ -258,16 +269,7 @@ def run(bundle: Bundle, backend, source: str | Path, out_dir: str | Path, option
                         for j, c, p in zip(chosen, coords, yx)]
                 args = (rgb, maps, meta, options.refine, m.crf, options.mask_threshold, options.nms_iou, str(out_dir),
                         it.stem, it.image_id, it.file_name, list(m.classes), save, options.crf_max_side)
-                if pool is not None:
-                    in_flight.append((it, pool.submit(refine_and_write, *args)))
-                else:
-                    try:
-                        in_flight.append((it, refine_and_write(*args)))
-                    except Exception as exc:
-                        summary.failed += 1
-                        summary.errors.append({"file": it.file_name, "stage": "refine/write",
-                                               "reason": f"{type(exc).__name__}: {exc}"})
-                        bar.update(1)
+                in_flight.append((it, submit(refine_and_write, *args)))
                 drain(2 * workers)
         drain(0)
     finally:

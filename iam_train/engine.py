@@ -15,8 +15,6 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
-from .evaluate import average_precision  # noqa: F401  (re-exported for the trainers)
-
 
 @dataclass
 class Runtime:
@@ -131,6 +129,17 @@ def prepare_run_dir(out: Path, resume: bool) -> None:
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
+
+
+def open_run(out: Path, kind: str, device: str, resume: bool) -> tuple[Runtime, dict | None]:
+    """Device/process-group set-up and the run directory: a new run needs it empty, a resumed
+    one gets its last checkpoint (kind-checked) back."""
+    from .checkpoint import load_checkpoint
+
+    rt = setup_runtime(device)
+    if rt.is_main:
+        prepare_run_dir(out, resume)
+    return rt, (load_checkpoint(out / "last.pt", kind) if resume else None)
 
 
 def restore_training_state(ckpt: dict, model, optimizer, scheduler) -> tuple[int, float]:

@@ -22,10 +22,9 @@ from .engine import (
     EpochSampler,
     RunLog,
     autocast,
-    prepare_run_dir,
+    open_run,
     restore_training_state,
     save_training_state,
-    setup_runtime,
 )
 from .models import InstanceExtentFilling, PeakBackprop, ResNetFCN, find_peaks
 from .pseudo_gt import pseudo_targets
@@ -82,10 +81,7 @@ class PeakTeacher:
 
 def train_filling(config: FillingTrainConfig, out: str | Path, resume: bool = False, progress: bool = True) -> dict:
     out = Path(out)
-    rt = setup_runtime(config.device)
-    if rt.is_main:
-        prepare_run_dir(out, resume)
-    ckpt = load_checkpoint(out / "last.pt", "iam-filling") if resume else None
+    rt, ckpt = open_run(out, "iam-filling", config.device, resume)
 
     prm_model, meta = load_prm(config.prm)
     prm_model = prm_model.to(rt.device)

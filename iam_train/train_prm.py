@@ -14,7 +14,6 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .batchnorm import recalibrate_batchnorm
-from .checkpoint import load_checkpoint
 from .config import PRMTrainConfig, save_config
 from .data.datasets import ClassificationDataset, collate_skip
 from .engine import (
@@ -22,12 +21,11 @@ from .engine import (
     RunLog,
     Runtime,
     autocast,
-    average_precision,
-    prepare_run_dir,
+    open_run,
     restore_training_state,
     save_training_state,
-    setup_runtime,
 )
+from .evaluate import average_precision
 from .models import ResNetFCN, find_peaks, peak_stimulated_scores
 
 
@@ -83,10 +81,7 @@ def evaluate_classification(model, loader, config: PRMTrainConfig, rt: Runtime, 
 def train_prm(config: PRMTrainConfig, out: str | Path, resume: bool = False, progress: bool = True) -> dict:
     """Train (or resume) a PRM run in ``out``; returns the final summary."""
     out = Path(out)
-    rt = setup_runtime(config.device)
-    if rt.is_main:
-        prepare_run_dir(out, resume)
-    ckpt = load_checkpoint(out / "last.pt", "iam-prm") if resume else None
+    rt, ckpt = open_run(out, "iam-prm", config.device, resume)
 
     train_set = ClassificationDataset(config.data, config.split, config.image_size, config.flip, config.seed)
     classes = train_set.voc.classes

@@ -41,7 +41,8 @@ class _VOCBase(Dataset):
         if missing:
             log.warning("%d listed images are missing and skipped, e.g. %s", len(missing),
                         ", ".join(str(self.voc.image_path(i)) for i in missing[:3]))
-        self.ids = [i for i in ids if i not in set(missing)]
+        skipped = set(missing)
+        self.ids = [i for i in ids if i not in skipped]
         self.skipped = list(missing)
         if not self.ids:
             raise DatasetError(f"split {split!r} of {root} lists no readable images")
