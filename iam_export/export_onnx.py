@@ -30,6 +30,7 @@ from iam_train.checkpoint import load_checkpoint
 from iam_train.models import InstanceExtentFilling, ResNetFCN, load_reference_filling, load_reference_prm
 
 from . import onnx_ops
+from .rewrites import conv_transpose_as_conv
 from .graphs import DetectGraph, SegmentGraph
 from .verify import ParityRow, compare, format_table, rows_as_dicts
 
@@ -136,6 +137,7 @@ def build_graphs(models: LoadedModels, options: ExportOptions) -> dict[str, onnx
     onnx_ops.attach_functions(segment_model, [onnx_ops.propagate_affinity_function(
         f.channels, f.kernel_size, (s // 4, s // 4), f.steps, options.opset)])
     for model in (detect_model, segment_model):
+        conv_transpose_as_conv(model)
         onnx.checker.check_model(model, full_check=True)
     return {"detect": detect_model, "segment": segment_model}
 

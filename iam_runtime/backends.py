@@ -64,6 +64,9 @@ class OnnxRuntimeBackend:
         so = ort.SessionOptions()
         if threads:
             so.intra_op_num_threads = threads
+        # Idle intra-op threads would otherwise spin between operators, taking the cores the
+        # CRF worker processes need (measured: 4.2 s/image spinning vs 3.1 s not, 2 cores).
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.log_severity_level = 3
         self.sessions = {}
         for key in ("detect", "segment"):

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from iam_export import onnx_ops
 from iam_export.cli import main as export_cli
 from iam_export.export_onnx import ExportError, ExportOptions, export_bundle
+from iam_export.rewrites import conv_transpose_as_conv
 from iam_export.tensorrt_build import inline_for_tensorrt, static_check
 from iam_runtime.bundle import BundleError, load_bundle
 from iam_train.checkpoint import save_checkpoint
@@ -90,6 +91,47 @@ def test_segment_graph_runs_any_peak_count(bundle):
         assert prm.shape == iam.shape == (n, SIZE, SIZE)
         np.testing.assert_allclose(prm.sum(axis=(1, 2)), 1.0, rtol=1e-4)
         assert iam.min() >= 0 and iam.max() <= 1
+
+
+def _conv_transpose_model(rng) -> onnx.ModelProto:
+    """x (2, 32, 9, 11) through five ConvTransposes: four eligible for the Conv rewrite (1x1,
+    3x3 padded with bias, 5x5 dilated with asymmetric pads, weight computed in the graph) and a
+    stride-2 one and a 1-channel one that must stay."""
+    h = onnx.helper
+    inits, nodes = [], []
+
+    def weight(name, shape):
+        inits.append(onnx.numpy_helper.from_array(rng.normal(size=shape).astype(np.float32), name))
+        return name
+
+    nodes.append(h.make_node("ConvTranspose", ["x", weight("w1", (32, 24, 1, 1))], ["a"], kernel_shape=[1, 1]))
+    nodes.append(h.make_node("ConvTranspose", ["a", weight("w2", (24, 16, 3, 3)), weight("b2", (16,))], ["b"],
+                             kernel_shape=[3, 3], pads=[1, 1, 1, 1]))
+    nodes.append(h.make_node("Relu", [weight("w3", (16, 16, 5, 5))], ["w3pos"]))
+    nodes.append(h.make_node("ConvTranspose", ["b", "w3pos"], ["c"], kernel_shape=[5, 5], dilations=[2, 1],
+                             pads=[3, 2, 4, 1]))
+    nodes.append(h.make_node("ConvTranspose", ["c", weight("w4", (16, 16, 3, 3))], ["d"], kernel_shape=[3, 3],
+                             strides=[2, 2], pads=[1, 1, 1, 1], output_padding=[1, 1]))
+    nodes.append(h.make_node("ConvTranspose", ["d", weight("w5", (16, 1, 3, 3))], ["y"], kernel_shape=[3, 3],
+                             pads=[1, 1, 1, 1]))
+    graph = h.make_graph(nodes, "t", [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 32, 9, 11])],
+                         [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 1, 20, 24])], inits)
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 20)])
+
+
+def test_conv_transpose_rewrite_is_exact():
+    rng = np.random.default_rng(0)
+    model = _conv_transpose_model(rng)
+    x = rng.normal(size=(2, 32, 9, 11)).astype(np.float32)
+    before = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    rewritten, count = conv_transpose_as_conv(onnx.ModelProto.FromString(model.SerializeToString()))
+    onnx.checker.check_model(rewritten, full_check=True)
+    assert count == 3
+    ops = [n.op_type for n in rewritten.graph.node]
+    assert ops.count("Conv") == 3 and ops.count("ConvTranspose") == 2
+    after = ort.InferenceSession(rewritten.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert after.shape == before.shape
+    np.testing.assert_allclose(after, before, rtol=1e-4, atol=1e-4 * np.abs(before).max())
 
 
 class _PeaksOnly(torch.nn.Module):

@@ -118,27 +118,35 @@ def interpolation_matrix(size_out: int, size_in: int, dtype: torch.dtype, device
     return mat.to(dtype=dtype, device=device)
 
 
-def _conv_rule(conv: nn.Conv2d, x: Tensor, grad: Tensor) -> Tensor:
-    """Modified rule. x: (1, Cin, H, W) saved input; grad: (P, Cout, Ho, Wo) -> (P, Cin, H, W)."""
-    shifted = x - x.min()
-    pos_w = conv.weight.clamp(min=0)
-    norm = F.conv2d(shifted, pos_w, None, conv.stride, conv.padding, conv.dilation, conv.groups)
-    inv_norm = torch.where(norm < EPS, torch.zeros_like(norm), 1.0 / (norm.abs() + EPS))
-    out_pad = [
-        x.shape[2 + i]
-        - ((grad.shape[2 + i] - 1) * conv.stride[i] - 2 * conv.padding[i] + conv.dilation[i] * (conv.kernel_size[i] - 1) + 1)
-        for i in range(2)
-    ]
-    back = F.conv_transpose2d(
-        grad * inv_norm, pos_w, None, conv.stride, conv.padding, out_pad, conv.groups, conv.dilation
-    )
-    return shifted * back
+class _ConvRule:
+    """The per-image factors of the modified rule at one conv (input x (1, Cin, H, W)): the
+    shifted input x - m, the positive weights and 1 / (|N| + eps) (0 where N < eps). Every
+    peak then costs one transposed convolution."""
+
+    def __init__(self, conv: nn.Conv2d, x: Tensor):
+        self.conv = conv
+        self.shifted = x - x.min()
+        self.pos_w = conv.weight.clamp(min=0)
+        norm = F.conv2d(self.shifted, self.pos_w, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+        self.inv_norm = torch.where(norm < EPS, torch.zeros_like(norm), 1.0 / (norm.abs() + EPS))
+
+    def transpose(self, z: Tensor) -> Tensor:
+        """(P, Cout, Ho, Wo) -> (P, Cin, H, W): conv_transpose with W+, sized to the input."""
+        conv, size = self.conv, self.shifted.shape[2:]
+        out_pad = [
+            size[i] - ((z.shape[2 + i] - 1) * conv.stride[i] - 2 * conv.padding[i] + conv.dilation[i] * (conv.kernel_size[i] - 1) + 1)
+            for i in range(2)
+        ]
+        return F.conv_transpose2d(z, self.pos_w, None, conv.stride, conv.padding, out_pad, conv.groups, conv.dilation)
+
+    def __call__(self, grad: Tensor) -> Tensor:
+        """The whole rule, unfolded: g_in = (x - m) * conv_transpose(g_out / (|N| + eps))."""
+        return self.shifted * self.transpose(grad * self.inv_norm)
 
 
-def _bn_rule(bn: nn.BatchNorm2d, grad: Tensor) -> Tensor:
-    """BatchNorm in eval mode is a per-channel affine map."""
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    return grad * scale[None, :, None, None]
+def _bn_scale(bn: nn.BatchNorm2d) -> Tensor:
+    """BatchNorm in eval mode is a per-channel affine map: its (1, C, 1, 1) gradient scale."""
+    return (bn.weight / torch.sqrt(bn.running_var + bn.eps))[None, :, None, None]
 
 
 def _maxpool_rule(pool: nn.MaxPool2d, x: Tensor, grad: Tensor) -> Tensor:
@@ -166,40 +174,55 @@ def _maxpool_rule(pool: nn.MaxPool2d, x: Tensor, grad: Tensor) -> Tensor:
     return F.conv_transpose2d(routed, scatter, None, s, p, out_pad, groups=c)
 
 
-def _block_forward(block: nn.Module, x: Tensor) -> tuple[Tensor, list[Tensor]]:
-    """Forward of a torchvision BasicBlock/Bottleneck that also returns the conv inputs."""
-    if isinstance(block, Bottleneck):
-        o1 = F.relu(block.bn1(block.conv1(x)))
-        o2 = F.relu(block.bn2(block.conv2(o1)))
-        branch = block.bn3(block.conv3(o2))
-        saved = [x, o1, o2]
-    elif isinstance(block, BasicBlock):
-        o1 = F.relu(block.bn1(block.conv1(x)))
-        branch = block.bn2(block.conv2(o1))
-        saved = [x, o1]
-    else:
-        raise TypeError(f"unsupported residual block {type(block).__name__}")
-    shortcut = block.downsample(x) if block.downsample is not None else x
-    out = F.relu(branch + shortcut)
-    return out, [*saved, out]
+class _BlockTape:
+    """Forward of a torchvision BasicBlock/Bottleneck that keeps what its backward needs, with
+    the per-image factors between consecutive transposed convs multiplied together once, so
+    each peak pays one elementwise product per conv:
 
+        conv_k(g) -> bn_k -> relu -> conv_{k+1}: the factor after conv_{k+1}'s transpose is
+        (x_{k+1} - m_{k+1}) * relu'(.) * bn_k scale * inv_norm_k.
+    """
 
-def _block_backward(block: nn.Module, saved: list[Tensor], grad: Tensor) -> Tensor:
-    *inputs, out = saved
-    grad = grad * (out > 0)
-    if isinstance(block, Bottleneck):
-        x, o1, o2 = inputs
-        g = _conv_rule(block.conv3, o2, _bn_rule(block.bn3, grad)) * (o2 > 0)
-        g = _conv_rule(block.conv2, o1, _bn_rule(block.bn2, g)) * (o1 > 0)
-        g = _conv_rule(block.conv1, x, _bn_rule(block.bn1, g))
-    else:
-        x, o1 = inputs
-        g = _conv_rule(block.conv2, o1, _bn_rule(block.bn2, grad)) * (o1 > 0)
-        g = _conv_rule(block.conv1, x, _bn_rule(block.bn1, g))
-    if block.downsample is not None:
-        conv, bn = block.downsample
-        return g + _conv_rule(conv, x, _bn_rule(bn, grad))
-    return g + grad
+    def __init__(self, block: nn.Module, x: Tensor):
+        if isinstance(block, Bottleneck):
+            convs, bns = [block.conv1, block.conv2, block.conv3], [block.bn1, block.bn2, block.bn3]
+        elif isinstance(block, BasicBlock):
+            convs, bns = [block.conv1, block.conv2], [block.bn1, block.bn2]
+        else:
+            raise TypeError(f"unsupported residual block {type(block).__name__}")
+        inputs, h = [x], x
+        for conv, bn in zip(convs[:-1], bns[:-1]):
+            h = F.relu(bn(conv(h)))
+            inputs.append(h)
+        branch = bns[-1](convs[-1](h))
+        shortcut = block.downsample(x) if block.downsample is not None else x
+        self.out = F.relu(branch + shortcut)
+        rules = [_ConvRule(conv, inp) for conv, inp in zip(convs, inputs)]
+        out_mask = (self.out > 0).to(x.dtype)
+        # Into the last conv's transpose, from the block's output gradient.
+        self.entry = rules[-1].inv_norm * _bn_scale(bns[-1]) * out_mask
+        # Between transposes, last to first: after conv_{k+1}'s transpose, before conv_k's.
+        self.between = [
+            rules[k + 1].shifted * (inputs[k + 1] > 0).to(x.dtype) * _bn_scale(bns[k]) * rules[k].inv_norm
+            for k in reversed(range(len(convs) - 1))
+        ]
+        self.rules = rules
+        self.shifted = rules[0].shifted  # the block input's shift, shared by the shortcut's conv
+        if block.downsample is not None:
+            conv, bn = block.downsample
+            self.shortcut = _ConvRule(conv, x)
+            self.shortcut_entry = self.shortcut.inv_norm * _bn_scale(bn) * out_mask
+        else:
+            self.shortcut, self.identity_mask = None, out_mask
+
+    def backward(self, grad: Tensor) -> Tensor:
+        """(P, Cout, Ho, Wo) gradient at the block output -> (P, Cin, H, W) at its input."""
+        g = self.rules[-1].transpose(grad * self.entry)
+        for rule, factor in zip(reversed(self.rules[:-1]), self.between):
+            g = rule.transpose(g * factor)
+        if self.shortcut is not None:
+            return self.shifted * (g + self.shortcut.transpose(grad * self.shortcut_entry))
+        return self.shifted * g + grad * self.identity_mask
 
 
 class PeakBackprop(nn.Module):
@@ -231,21 +254,20 @@ class PeakBackprop(nn.Module):
         """As forward, also returning the backbone outputs of the image's forward pass."""
         net = self.backbone
         conv1, bn1, _, pool = net.stem
-        # Forward, saving what the backward rules need.
+        # Forward, keeping the per-image factors of the backward rules.
         s1 = F.relu(bn1(conv1(image)))
         x = pool(s1)
         tape, features = [], []
         for layer in (net.layer1, net.layer2, net.layer3, net.layer4):
             for block in layer:
-                x, saved = _block_forward(block, x)
-                tape.append((block, saved))
+                tape.append(_BlockTape(block, x))
+                x = tape[-1].out
             features.append(x)
         crm = net.classifier(x)
         # Backward, all peaks at once.
-        grad = self.seeds(crm.shape, peaks, image.dtype)
-        grad = _conv_rule(net.classifier, x, grad)
-        for block, saved in reversed(tape):
-            grad = _block_backward(block, saved, grad)
-        grad = _maxpool_rule(pool, s1, grad) * (s1 > 0)
-        grad = _conv_rule(conv1, image, _bn_rule(bn1, grad))
+        grad = _ConvRule(net.classifier, x)(self.seeds(crm.shape, peaks, image.dtype))
+        for block in reversed(tape):
+            grad = block.backward(grad)
+        grad = _maxpool_rule(pool, s1, grad) * ((s1 > 0).to(image.dtype) * _bn_scale(bn1))
+        grad = _ConvRule(conv1, image)(grad)
         return normalise_prm(grad), BackboneOutput(crm, *features[:3])
