@@ -30,8 +30,8 @@ from iam_train.checkpoint import load_checkpoint
 from iam_train.models import InstanceExtentFilling, ResNetFCN, load_reference_filling, load_reference_prm
 
 from . import onnx_ops
-from .rewrites import conv_transpose_as_conv
 from .graphs import DetectGraph, SegmentGraph
+from .rewrites import conv_transpose_as_conv
 from .verify import ParityRow, compare, format_table, rows_as_dicts
 
 

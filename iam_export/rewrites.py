@@ -13,10 +13,9 @@
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 from onnx import helper, numpy_helper
-
-import numpy as np
 
 MIN_CONV_OUT_CHANNELS = 16
 
