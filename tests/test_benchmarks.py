@@ -32,6 +32,9 @@ def test_latency_benchmark_smoke(tmp_path):
     agreement = report["agreement_onnxruntime_vs_reference"]
     assert 0 <= agreement["mean_iou"] <= 1
     assert agreement["reference_masks"] == 4 and agreement["reference_masks_nonempty"] >= 1
+    # with the reference's full-resolution CRF the runtime's masks are the reference's
+    assert report["agreement_onnxruntime_full_resolution_crf_vs_reference"]["mean_iou"] >= 0.98
+    assert "onnxruntime-cpu-b2-fullcrf" in paths
     assert {"speedup", "mean_iou_vs_full_resolution"} <= set(report["crf"])
     assert report["flops"]["detect_per_image"] > 0 and report["flops"]["segment_per_image"] > 0
     assert (tmp_path / "latency.md").read_text().count("|") > 20
