@@ -44,6 +44,10 @@ class InferOptions:
     nms_iou: float = 0.5  # same-class masks overlapping more than this: the lower score is dropped
     peak_chunk: int = 8  # peaks per segment call (bounds memory)
     save: tuple[str, ...] = SAVE_CHOICES
+    # Refine image i while the engine runs image i+1 (None: only when the engine is on a GPU). An
+    # engine on the CPU already uses every core; overlapping would stall both, so there each
+    # image's instances are refined on all workers at once, between engine calls.
+    overlap_refine: bool | None = None
     resume: bool = False
     decode_threads: int = 2
     progress: bool = True
@@ -139,12 +143,38 @@ def refine_and_write(rgb: np.ndarray, maps: np.ndarray, meta: list[tuple[int, fl
     Returns (records, refine seconds, write seconds)."""
     started = time.perf_counter()
     masks = refine_instances(rgb, maps, "crf" if method == "crf" else "threshold", crf, mask_threshold, crf_max_side)
-    instances = [Instance(c, s, cs, p, m) for (c, s, cs, p), m in zip(meta, masks)]
-    instances = _nms(instances, nms_iou)
     refined = time.perf_counter()
+    return write_masks(rgb, masks, meta, nms_iou, out_dir, stem, image_id, file_name, classes, save, refined - started)
+
+
+def write_masks(rgb: np.ndarray, masks: np.ndarray, meta: list[tuple[int, float, float, tuple[int, int]]],
+                nms_iou: float, out_dir: str, stem: str, image_id: str, file_name: str, classes: list[str],
+                save: tuple[str, ...], refine_seconds: float):
+    """One image's refined masks -> duplicates removed, outputs written; as refine_and_write."""
+    started = time.perf_counter()
+    instances = _nms([Instance(c, s, cs, p, m) for (c, s, cs, p), m in zip(meta, masks)], nms_iou)
     records = write_image_outputs(output_paths(Path(out_dir), stem), rgb, instances, classes, image_id, file_name,
                                   set(save))
-    return records, refined - started, time.perf_counter() - refined
+    return records, refine_seconds, time.perf_counter() - started
+
+
+def _refine_across(pool: ProcessPoolExecutor, workers: int, rgb: np.ndarray, maps: np.ndarray, meta, method: str,
+                   crf: CRFSpec, mask_threshold: float, nms_iou: float, out_dir: str, stem: str, image_id: str,
+                   file_name: str, classes: list[str], save: tuple[str, ...], crf_max_side: int) -> Future:
+    """One image's instances refined on every worker at once, then written here; a completed
+    Future like refine_and_write's."""
+    started = time.perf_counter()
+    try:
+        chunks = np.array_split(np.arange(len(maps)), max(1, min(workers, len(maps))))
+        parts = [pool.submit(refine_instances, rgb, maps[c], "crf" if method == "crf" else "threshold", crf,
+                             mask_threshold, crf_max_side) for c in chunks]
+        masks = np.concatenate([part.result() for part in parts])
+    except Exception as exc:
+        future: Future = Future()
+        future.set_exception(exc)
+        return future
+    return _run_inline(write_masks, rgb, masks, meta, nms_iou, out_dir, stem, image_id, file_name, classes, save,
+                       time.perf_counter() - started)
 
 
 def _run_inline(fn, *args) -> Future:
@@ -202,6 +232,7 @@ def run(bundle: Bundle, backend, source: str | Path, out_dir: str | Path, option
     decoder = ThreadPoolExecutor(max(1, options.decode_threads))
     in_flight: deque[tuple[InputItem, Future]] = deque()
     submit = pool.submit if pool is not None else _run_inline
+    overlap = options.overlap_refine if options.overlap_refine is not None else backend.device == "gpu"
     bar = tqdm(total=len(todo), desc="images", unit="img", disable=not options.progress)
 
     def finish(item: InputItem, result) -> None:
@@ -269,8 +300,12 @@ def run(bundle: Bundle, backend, source: str | Path, out_dir: str | Path, option
                         for j, c, p in zip(chosen, coords, yx)]
                 args = (rgb, maps, meta, options.refine, m.crf, options.mask_threshold, options.nms_iou, str(out_dir),
                         it.stem, it.image_id, it.file_name, list(m.classes), save, options.crf_max_side)
-                in_flight.append((it, submit(refine_and_write, *args)))
-                drain(2 * workers)
+                if overlap or pool is None or options.refine != "crf":
+                    in_flight.append((it, submit(refine_and_write, *args)))
+                    drain(2 * workers)
+                else:
+                    in_flight.append((it, _refine_across(pool, workers, *args)))
+                    drain(0)
         drain(0)
     finally:
         bar.close()
