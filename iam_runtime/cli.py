@@ -27,8 +27,9 @@ EXIT_OK, EXIT_IMAGES_FAILED, EXIT_INTERRUPTED = 0, 1, 130
 @click.option("--refine", type=click.Choice(["crf", "threshold", "none"]), default="crf", show_default=True,
               help="crf: dense CRF per instance; threshold/none: activation map >= --mask-threshold.")
 @click.option("--crf-workers", default=0, show_default=True, help="Refinement processes (0: one per core).")
-@click.option("--crf-max-side", default=320, show_default=True,
-              help="Run the CRF on the image scaled to this longer side (0: full resolution, as the reference).")
+@click.option("--crf-max-side", default=0, show_default=True,
+              help="Run the CRF on the image scaled to this longer side, e.g. 320 (faster; masks can differ "
+                   "from the reference's on low-confidence maps). 0: full resolution, as the reference.")
 @click.option("--max-peaks", type=int, default=None, help="Instances per image at most (default: the bundle's).")
 @click.option("--score-threshold", type=float, default=None, help="Class score (logit) threshold.")
 @click.option("--peak-threshold", type=float, default=None, help="Peak value threshold.")

@@ -36,7 +36,9 @@ class InferOptions:
     batch_size: int = 4
     refine: str = "crf"  # crf | threshold | none
     crf_workers: int = 0  # 0: one per CPU core
-    crf_max_side: int = 320  # CRF on the image scaled to this longer side (0: full resolution, the reference)
+    # CRF on the image scaled to this longer side; 0: full resolution, the reference's masks. On
+    # low-confidence maps a reduced-resolution CRF can give quite different masks (benchmarks).
+    crf_max_side: int = 0
     max_peaks: int | None = None  # per image; default: the bundle's
     score_threshold: float | None = None  # class score threshold; default: the bundle's
     peak_threshold: float | None = None
