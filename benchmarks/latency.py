@@ -142,7 +142,9 @@ def peak_rss_mb() -> dict[str, float]:
 @click.option("--peaks", "num_peaks", default=5, show_default=True, help="Peaks per image, held fixed.")
 @click.option("--batch-sizes", default="1,4,8", show_default=True)
 @click.option("--images", "num_images", default=8, show_default=True)
-@click.option("--reference-images", default=3, show_default=True, help="Images timed on the (slow) reference path.")
+@click.option("--reference-images", default=0, show_default=True,
+              help="Images timed on the (slow) reference and torch paths; 0: all of them, so that every path "
+                   "runs on the same images (the CRF's cost depends on the image).")
 @click.option("--steps", default=112, show_default=True, help="Filling propagation steps (reference 112).")
 @click.option("--hidden", default=64, show_default=True)
 @click.option("--upsample", default=8, show_default=True)
@@ -206,6 +208,8 @@ def main(backbone, image_size, num_peaks, batch_sizes, num_images, reference_ima
         times["crf"] = time.perf_counter() - t0
         return times, masks, iam, rgb
 
+    reference_images = reference_images or num_images
+    results["config"]["reference_images"] = reference_images
     click.echo(f"reference path on {reference_images} images ...")
     for _ in range(warmup):
         run_reference(photos[0])
