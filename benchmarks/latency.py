@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import resource
-import shutil
 import statistics
 import time
 from pathlib import Path
@@ -29,7 +28,6 @@ import torch.nn.functional as F
 
 from iam_runtime.bundle import load_bundle
 from iam_runtime.images import decode_image, preprocess
-from iam_runtime.pipeline import InferOptions, run
 from iam_runtime.refine import dense_crf, resize_map
 from iam_runtime.voc import IMAGENET_MEAN, IMAGENET_STD
 from iam_train.checkpoint import save_checkpoint
@@ -251,7 +249,6 @@ def main(backbone, image_size, num_peaks, batch_sizes, num_images, reference_ima
     # ---------------- runtime (onnxruntime) paths ----------------
     import onnxruntime as ort
 
-    from iam_runtime.backends import OnnxRuntimeBackend
 
     provider_sets = [("onnxruntime-cpu", ["CPUExecutionProvider"])]
     for name, prov in (("onnxruntime-cuda", "CUDAExecutionProvider"), ("onnxruntime-tensorrt", "TensorrtExecutionProvider")):
@@ -266,22 +263,14 @@ def main(backbone, image_size, num_peaks, batch_sizes, num_images, reference_ima
     variants = [("", "crf", 0, sizes), (f"-crf{FAST_CRF_SIDE}", "crf", FAST_CRF_SIDE, sizes[-1:])]
     variants += [("-nocrf", "threshold", 0, sizes)] if no_crf else []
     for name, providers in provider_sets:
-        backend = OnnxRuntimeBackend(bundle, providers)
         for suffix, refine, max_side, bs in [(*v[:3], b) for v in variants for b in v[3]]:
-            run_dir = out / "runs" / f"{name}-b{bs}{suffix}"
-            shutil.rmtree(run_dir, ignore_errors=True)
-            options = InferOptions(batch_size=bs, max_peaks=num_peaks, score_threshold=float("-inf"), refine=refine,
-                                   peak_threshold=float("-inf"), nms_iou=1.01, crf_workers=crf_workers, progress=False,
-                                   crf_max_side=max_side)
-            run(bundle, backend, photos[0], out / "runs" / "warmup", options)  # warm-up, excluded
-            rss_before = peak_rss_mb()
-            summary = run(bundle, backend, out / "images", run_dir, options)
-            stage = {k: v / max(summary.completed, 1) for k, v in summary.stage_seconds.items()}
-            results["paths"][f"{name}-b{bs}{suffix}"] = {
-                "images_per_s": summary.images_per_second, "end_to_end_per_image_s": summary.seconds / summary.completed,
-                "stage_mean_s": {"decode": stage["decode"], "detect": stage["detect"], "segment": stage["segment"],
-                                 "crf": stage["refine"], "write": stage["write"]},
-                "peak_rss_mb": peak_rss_mb(), "rss_before_mb": rss_before, "providers": backend.providers}
+            key = f"{name}-b{bs}{suffix}"
+            run_dir = out / "runs" / key
+            options = dict(batch_size=bs, max_peaks=num_peaks, score_threshold=float("-inf"), refine=refine,
+                           peak_threshold=float("-inf"), nms_iou=1.01, crf_workers=crf_workers, crf_max_side=max_side)
+            results["paths"][key] = _runtime_path(out, key, dict(
+                bundle=str(bundle_dir), images=str(out / "images"), warmup_image=str(photos[0]), out=str(run_dir),
+                providers=providers, options=options))
             if name == "onnxruntime-cpu" and refine == "crf" and suffix not in agreement:
                 agreement[suffix] = _agreement(run_dir, ref_masks)
     results["agreement_onnxruntime_vs_reference"] = agreement.get("")
@@ -341,6 +330,19 @@ def main(backbone, image_size, num_peaks, batch_sizes, num_images, reference_ima
     (out / "latency.md").write_text(table)
     click.echo(table)
     chart(results, out / "latency.png")
+
+
+def _runtime_path(out: Path, key: str, spec: dict) -> dict:
+    """One iam-infer path in a process of its own (benchmarks.runtime_path): no torch loaded, its
+    own peak RSS, the CRF worker processes started from a clean process."""
+    import subprocess
+    import sys
+
+    spec_path, result_path = out / "runs" / f"{key}.spec.json", out / "runs" / f"{key}.result.json"
+    write_json(spec_path, spec)
+    subprocess.run([sys.executable, "-m", "benchmarks.runtime_path", str(spec_path), str(result_path)], check=True,
+                   cwd=Path(__file__).resolve().parents[1])
+    return json.loads(result_path.read_text())
 
 
 def _path_result(times: list[dict], batch: int) -> dict:

@@ -34,11 +34,13 @@ EXIT_OK, EXIT_IMAGES_FAILED, EXIT_INTERRUPTED = 0, 1, 130
 @click.option("--score-threshold", type=float, default=None, help="Class score (logit) threshold.")
 @click.option("--peak-threshold", type=float, default=None, help="Peak value threshold.")
 @click.option("--mask-threshold", default=0.5, show_default=True)
+@click.option("--nms-iou", default=0.5, show_default=True,
+              help="Same-class masks overlapping more than this: the lower score is dropped (above 1: keep all).")
 @click.option("--save", default=",".join(SAVE_CHOICES), show_default=True, help="What to write.")
 @click.option("--resume", is_flag=True, help="Skip images whose outputs are complete.")
 @click.option("--no-progress", is_flag=True)
 def main(input_path, out, bundle, demo, backend, providers, batch_size, refine, crf_workers, crf_max_side, max_peaks,
-         score_threshold, peak_threshold, mask_threshold, save, resume, no_progress) -> None:
+         score_threshold, peak_threshold, mask_threshold, nms_iou, save, resume, no_progress) -> None:
     """Segment instances in INPUT (a folder, an image, or a .txt list of paths).
 
     Exit status: 0 when every image completed, 1 when some images could not be read or
@@ -69,7 +71,7 @@ def main(input_path, out, bundle, demo, backend, providers, batch_size, refine, 
     options = InferOptions(batch_size=batch_size, refine=refine, crf_workers=crf_workers, crf_max_side=crf_max_side,
                            max_peaks=max_peaks,
                            score_threshold=score_threshold, peak_threshold=peak_threshold,
-                           mask_threshold=mask_threshold, save=tuple(s for s in save.split(",") if s),
+                           mask_threshold=mask_threshold, nms_iou=nms_iou, save=tuple(s for s in save.split(",") if s),
                            resume=resume, progress=not no_progress)
     click.echo(f"{engine.describe()}; bundle {bundle}", err=True)
     try:

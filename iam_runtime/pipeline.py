@@ -75,6 +75,8 @@ class RunSummary:
     images_per_second: float = 0.0
     stage_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
         ("decode", "detect", "segment", "refine", "write"), 0.0))
+    # seconds from an image's batch entering the engine to its outputs written: median, p90, p99
+    latency_s: dict[str, float] = field(default_factory=dict)
     errors: list[dict[str, str]] = field(default_factory=list)
     backend: str = ""
     bundle: str = ""
@@ -237,7 +239,11 @@ def run(bundle: Bundle, backend, source: str | Path, out_dir: str | Path, option
     overlap = options.overlap_refine if options.overlap_refine is not None else backend.device == "gpu"
     bar = tqdm(total=len(todo), desc="images", unit="img", disable=not options.progress)
 
+    entered: dict[str, float] = {}  # stem -> when its batch entered the engine
+    latencies: list[float] = []
+
     def finish(item: InputItem, result) -> None:
+        latencies.append(time.perf_counter() - entered.pop(item.stem, started))
         try:
             records, refine_s, write_s = result.result()
         except Exception as exc:  # a worker failure is this image's failure, not the run's
@@ -282,6 +288,7 @@ def run(bundle: Bundle, backend, source: str | Path, out_dir: str | Path, option
             if not batch:
                 continue
             t0 = time.perf_counter()
+            entered.update((it.stem, t0) for it, _, _ in batch)
             det = backend.detect(np.stack([b[2] for b in batch]))
             summary.stage_seconds["detect"] += time.perf_counter() - t0
             for i, (it, rgb, tensor) in enumerate(batch):
@@ -315,6 +322,10 @@ def run(bundle: Bundle, backend, source: str | Path, out_dir: str | Path, option
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
     summary.seconds = time.perf_counter() - started
+    if latencies:
+        ordered = sorted(latencies)
+        summary.latency_s = {f"{name}": ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+                             for name, q in (("median", 0.5), ("p90", 0.9), ("p99", 0.99))}
     summary.images_per_second = (summary.completed / summary.seconds) if summary.seconds else 0.0
     write_predictions(out_dir, items, summary, save)
     return summary

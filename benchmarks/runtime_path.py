@@ -1,0 +1,49 @@
+"""One runtime path of the latency benchmark, in a process of its own, as users run it: the
+torch-free ``iam-infer`` pipeline (no torch imported, its own peak RSS), after one warm-up image
+that is not timed.
+
+    python -m benchmarks.runtime_path SPEC.json RESULT.json
+
+SPEC: {"bundle", "images", "warmup_image", "out", "providers", "options": InferOptions fields}.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import shutil
+import sys
+from pathlib import Path
+
+from iam_runtime.backends import OnnxRuntimeBackend
+from iam_runtime.bundle import load_bundle
+from iam_runtime.pipeline import InferOptions, run
+
+from .common import write_json
+
+
+def run_path(spec: dict) -> dict:
+    bundle = load_bundle(spec["bundle"])
+    backend = OnnxRuntimeBackend(bundle, spec["providers"])
+    options = InferOptions(**spec["options"], progress=False)
+    out = Path(spec["out"])
+    shutil.rmtree(out, ignore_errors=True)
+    run(bundle, backend, spec["warmup_image"], out.with_name(out.name + "-warmup"), options)
+    summary = run(bundle, backend, spec["images"], out, options)
+    done = max(summary.completed, 1)
+    stage = {k: v / done for k, v in summary.stage_seconds.items()}
+    return {
+        "images_per_s": summary.images_per_second, "end_to_end_per_image_s": summary.seconds / done,
+        "completed": summary.completed,
+        "stage_mean_s": {"decode": stage["decode"], "detect": stage["detect"], "segment": stage["segment"],
+                         "crf": stage["refine"], "write": stage["write"]},
+        "latency": {f"{k}_s": v for k, v in summary.latency_s.items()},
+        "peak_rss_mb": {"self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                        "children": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024},
+        "providers": backend.providers,
+    }
+
+
+if __name__ == "__main__":
+    spec_path, result_path = sys.argv[1:3]
+    write_json(Path(result_path), run_path(json.loads(Path(spec_path).read_text())))
