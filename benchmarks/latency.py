@@ -417,7 +417,7 @@ def chart(results: dict, path: Path) -> None:
         vals = np.array([results["paths"][n]["stage_mean_s"][stage] for n in names])
         ax.barh(names, vals, left=left, label=stage)
         left += vals
-    ax.set_xlabel("seconds per image (stage sums; the runtime overlaps CRF with the engine)")
+    ax.set_xlabel("seconds per image, by stage (medians; on a CPU engine the runtime refines between engine calls)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
