@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -40,6 +41,17 @@ def machine_info() -> dict[str, object]:
     except ImportError:
         pass
     return info
+
+
+def own_peak_rss_mb() -> float:
+    """This process's peak RSS in MB (VmHWM). getrusage's ru_maxrss would not do for a child:
+    Linux carries the parent's peak over fork and exec, so it would report the parent's."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def write_json(path: Path, payload: dict) -> None:

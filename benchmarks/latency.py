@@ -28,13 +28,14 @@ import torch.nn.functional as F
 
 from iam_runtime.bundle import load_bundle
 from iam_runtime.images import decode_image, preprocess
+from iam_runtime.pipeline import percentiles
 from iam_runtime.refine import dense_crf, resize_map
 from iam_runtime.voc import IMAGENET_MEAN, IMAGENET_STD
 from iam_train.checkpoint import save_checkpoint
 from iam_train.models import InstanceExtentFilling, ResNetFCN, reference_peak_response_maps
 from iam_train.models.peaks import find_peaks
 
-from .common import machine_info, write_json
+from .common import machine_info, own_peak_rss_mb, write_json
 
 STAGES = ("decode", "detect", "segment", "crf", "write")
 FAST_CRF_SIDE = 320  # the reduced-resolution CRF compared against the full-resolution one
@@ -124,14 +125,11 @@ def count_flops(module, *args) -> int:
 
 
 def summarise(samples: list[float]) -> dict[str, float]:
-    s = sorted(samples)
-    pick = lambda q: s[min(len(s) - 1, int(round(q * (len(s) - 1))))]  # noqa: E731
-    return {"median_s": statistics.median(s), "p90_s": pick(0.9), "p99_s": pick(0.99), "n": len(s)}
+    return {**{f"{k}_s": v for k, v in percentiles(samples).items()}, "n": len(samples)}
 
 
 def peak_rss_mb() -> dict[str, float]:
-    return {"self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "children": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+    return {"self": own_peak_rss_mb(), "children": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
 
 
 @click.command()
@@ -184,7 +182,7 @@ def main(backbone, image_size, num_peaks, batch_sizes, num_images, reference_ima
     size = (image_size, image_size)
 
     # ---------------- reference path ----------------
-    def run_reference(path: Path, crf_max_side: int = 0):
+    def run_reference(path: Path):
         times = dict.fromkeys(STAGES, 0.0)
         t0 = time.perf_counter()
         rgb = decode_image(path)
@@ -201,21 +199,25 @@ def main(backbone, image_size, num_peaks, batch_sizes, num_images, reference_ima
         with torch.no_grad():
             iam = reference_filling(filling, prm, filling.affinity_kernels(feats.c2, feats.c3, feats.c4)).numpy()
         times["segment"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        masks = [dense_crf(rgb, resize_map(m, rgb.shape[:2]), bundle.manifest.crf, crf_max_side) for m in iam]
-        times["crf"] = time.perf_counter() - t0
-        return times, masks, iam, rgb
+        masks, crf_times = [], []  # one full-resolution CRF per instance, each timed
+        for m in iam:
+            t0 = time.perf_counter()
+            masks.append(dense_crf(rgb, resize_map(m, rgb.shape[:2]), bundle.manifest.crf, 0))
+            crf_times.append(time.perf_counter() - t0)
+        times["crf"] = sum(crf_times)
+        return times, masks, iam, crf_times
 
     reference_images = reference_images or num_images
     results["config"]["reference_images"] = reference_images
     click.echo(f"reference path on {reference_images} images ...")
     for _ in range(warmup):
         run_reference(photos[0])
-    ref_times, ref_masks, ref_maps = [], {}, {}
+    ref_times, ref_masks, ref_maps, crf_full = [], {}, {}, []
     for p in photos[:reference_images]:
-        times, masks, iam, _ = run_reference(p)
+        times, masks, iam, crf_times = run_reference(p)
         ref_times.append(times)
         ref_masks[p.stem], ref_maps[p.stem] = masks, iam
+        crf_full += crf_times
     results["paths"]["reference"] = _path_result(ref_times, 1)
 
     # ---------------- torch eager path ----------------
@@ -249,7 +251,6 @@ def main(backbone, image_size, num_peaks, batch_sizes, num_images, reference_ima
     # ---------------- runtime (onnxruntime) paths ----------------
     import onnxruntime as ort
 
-
     provider_sets = [("onnxruntime-cpu", ["CPUExecutionProvider"])]
     for name, prov in (("onnxruntime-cuda", "CUDAExecutionProvider"), ("onnxruntime-tensorrt", "TensorrtExecutionProvider")):
         if prov in ort.get_available_providers() and torch.cuda.is_available():
@@ -277,17 +278,14 @@ def main(backbone, image_size, num_peaks, batch_sizes, num_images, reference_ima
     results[f"agreement_onnxruntime_crf{FAST_CRF_SIDE}_vs_reference"] = agreement.get(f"-crf{FAST_CRF_SIDE}")
 
     # ---------------- CRF comparison ----------------
-    crf_full, crf_fast, ious, nonempty = [], [], [], 0
+    # The reference path's full-resolution masks and times against the reduced resolution.
+    crf_fast, ious, nonempty = [], [], 0
     for stem, maps in ref_maps.items():
         rgb = decode_image(out / "images" / f"{stem}.jpg")
-        for m in maps:
-            prob = resize_map(m, rgb.shape[:2])
+        for m, a in zip(maps, ref_masks[stem]):
             t0 = time.perf_counter()
-            a = dense_crf(rgb, prob, bundle.manifest.crf, 0)
-            t1 = time.perf_counter()
-            b = dense_crf(rgb, prob, bundle.manifest.crf, FAST_CRF_SIDE)
-            crf_full.append(t1 - t0)
-            crf_fast.append(time.perf_counter() - t1)
+            b = dense_crf(rgb, resize_map(m, rgb.shape[:2]), bundle.manifest.crf, FAST_CRF_SIDE)
+            crf_fast.append(time.perf_counter() - t0)
             ious.append(float((a & b).sum() / max((a | b).sum(), 1)) if (a | b).any() else 1.0)
             nonempty += bool(a.any())
     workers = crf_workers or os.cpu_count() or 1

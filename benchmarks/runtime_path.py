@@ -10,7 +10,6 @@ SPEC: {"bundle", "images", "warmup_image", "out", "providers", "options": InferO
 from __future__ import annotations
 
 import json
-import resource
 import shutil
 import sys
 from pathlib import Path
@@ -19,16 +18,7 @@ from iam_runtime.backends import OnnxRuntimeBackend
 from iam_runtime.bundle import load_bundle
 from iam_runtime.pipeline import InferOptions, run
 
-from .common import write_json
-
-
-def _peak_rss_mb() -> float:
-    """This process's peak RSS (VmHWM). getrusage's ru_maxrss would not do: Linux carries the
-    parent's peak over fork and exec, so a child started by the benchmark reports the benchmark's."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from .common import own_peak_rss_mb, write_json
 
 
 def run_path(spec: dict) -> dict:
@@ -47,7 +37,7 @@ def run_path(spec: dict) -> dict:
         "stage_mean_s": {"decode": stage["decode"], "detect": stage["detect"], "segment": stage["segment"],
                          "crf": stage["refine"], "write": stage["write"]},
         "latency": {f"{k}_s": v for k, v in summary.latency_s.items()},
-        "peak_rss_mb": {"self": _peak_rss_mb()},
+        "peak_rss_mb": {"self": own_peak_rss_mb()},
         "providers": backend.providers,
     }
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import statistics
 import time
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -80,6 +81,13 @@ class RunSummary:
     errors: list[dict[str, str]] = field(default_factory=list)
     backend: str = ""
     bundle: str = ""
+
+
+def percentiles(samples: list[float]) -> dict[str, float]:
+    """Median, p90 and p99 of a non-empty list (p90/p99: the nearest-rank sample)."""
+    ordered = sorted(samples)
+    pick = lambda q: ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]  # noqa: E731
+    return {"median": statistics.median(ordered), "p90": pick(0.9), "p99": pick(0.99)}
 
 
 def collect_inputs(source: str | Path) -> tuple[Path, list[InputItem]]:
@@ -323,9 +331,7 @@ def run(bundle: Bundle, backend, source: str | Path, out_dir: str | Path, option
             pool.shutdown(wait=True, cancel_futures=True)
     summary.seconds = time.perf_counter() - started
     if latencies:
-        ordered = sorted(latencies)
-        summary.latency_s = {f"{name}": ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-                             for name, q in (("median", 0.5), ("p90", 0.9), ("p99", 0.99))}
+        summary.latency_s = percentiles(latencies)
     summary.images_per_second = (summary.completed / summary.seconds) if summary.seconds else 0.0
     write_predictions(out_dir, items, summary, save)
     return summary
