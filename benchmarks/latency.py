@@ -7,13 +7,17 @@ Paths: ``reference`` (SPEC's inference as the reference code does it: one image 
 autograd backward per peak with the modified rule, the filling propagation as the reference's
 per-step unfold loop, one full-resolution dense CRF per instance), ``torch`` (our model in eager
 PyTorch: batched peak backprop, the propagation op), ``onnxruntime-cpu`` (the iam-infer
-pipeline on the exported bundle, per batch size) and, where a GPU is present, onnxruntime's CUDA
-and TensorRT providers. Writes DIR/latency.json (raw timings, per-path ``speedup`` over the
-reference), DIR/latency.md and DIR/latency.png.
+pipeline on the exported bundle, per batch size) and, where a GPU is present, ``reference-cuda``
+and ``torch-cuda`` (the same two on the GPU), onnxruntime's CUDA and TensorRT providers and the
+native TensorRT engines (fp32, fp16, INT8 calibrated on the benchmark's photos). A GPU path that
+cannot run here is recorded as skipped or failed, with the reason. Writes DIR/latency.json (raw
+timings, per-path ``speedup`` over the CPU reference, and ``speedup_vs_reference_cuda`` where
+that ran), DIR/latency.md and DIR/latency.png.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import resource
@@ -110,6 +114,33 @@ def gemm_rate(n: int = 2048, repeats: int = 3) -> float:
     return 2 * n**3 / best
 
 
+def gemm_rate_cuda(dtype: str, n: int = 8192, repeats: int = 5) -> float:
+    """FLOP/s of an n x n x n matrix product on the GPU: fp32 (TF32 off), tf32 or fp16."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = dtype == "tf32"
+    try:
+        t = torch.float16 if dtype == "fp16" else torch.float32
+        a, b = torch.randn(n, n, device="cuda", dtype=t), torch.randn(n, n, device="cuda", dtype=t)
+        a @ b
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeats):
+            a @ b
+        end.record()
+        torch.cuda.synchronize()
+        return 2 * n**3 * repeats / (start.elapsed_time(end) / 1000)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def _synced(device: torch.device, t0: float) -> float:
+    """Seconds since t0 once the device's queued work is done."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
 def _timed(fn) -> float:
     t = time.perf_counter()
     fn()
@@ -148,9 +179,12 @@ def peak_rss_mb() -> dict[str, float]:
 @click.option("--crf-workers", default=0, show_default=True)
 @click.option("--no-crf/--crf-only", "no_crf", default=True, show_default=True,
               help="Also time the runtime without CRF (threshold refinement).")
+@click.option("--cpu-paths/--gpu-paths-only", default=True, show_default=True,
+              help="With --gpu-paths-only, the torch and onnxruntime paths run on the GPU only (the CPU "
+                   "reference still runs: it is the base of every speed-up).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
 def main(backbone, image_size, num_peaks, batch_sizes, num_images, reference_images, steps, hidden, upsample, warmup,
-         crf_workers, no_crf, out) -> None:
+         crf_workers, no_crf, cpu_paths, out) -> None:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     classes = [f"class{i}" for i in range(20)]
@@ -181,23 +215,25 @@ def main(backbone, image_size, num_peaks, batch_sizes, num_images, reference_ima
     bundle = load_bundle(bundle_dir)
     size = (image_size, image_size)
 
-    # ---------------- reference path ----------------
-    def run_reference(path: Path):
+    # ---------------- reference and torch paths (CPU, and CUDA where present) ----------------
+    from iam_export.graphs import DetectGraph, SegmentGraph
+
+    def run_reference(path: Path, net: ResNetFCN, fill: InstanceExtentFilling, device: torch.device):
         times = dict.fromkeys(STAGES, 0.0)
         t0 = time.perf_counter()
         rgb = decode_image(path)
-        x = torch.from_numpy(preprocess(rgb, size, IMAGENET_MEAN, IMAGENET_STD))[None]
-        times["decode"] = time.perf_counter() - t0
+        x = torch.from_numpy(preprocess(rgb, size, IMAGENET_MEAN, IMAGENET_STD))[None].to(device)
+        times["decode"] = _synced(device, t0)
         t0 = time.perf_counter()
         with torch.no_grad():
-            feats = model(x)
+            feats = net(x)
         pk = find_peaks(feats.crm, 3, "median", 0.0, upsample, num_peaks)
         peaks = pk.coords[0, :num_peaks]
-        times["detect"] = time.perf_counter() - t0
+        times["detect"] = _synced(device, t0)
         t0 = time.perf_counter()
-        prm = reference_peak_response_maps(model, x, peaks, upsample)
+        prm = reference_peak_response_maps(net, x, peaks, upsample)
         with torch.no_grad():
-            iam = reference_filling(filling, prm, filling.affinity_kernels(feats.c2, feats.c3, feats.c4)).numpy()
+            iam = reference_filling(fill, prm, fill.affinity_kernels(feats.c2, feats.c3, feats.c4)).cpu().numpy()
         times["segment"] = time.perf_counter() - t0
         masks, crf_times = [], []  # one full-resolution CRF per instance, each timed
         for m in iam:
@@ -207,75 +243,89 @@ def main(backbone, image_size, num_peaks, batch_sizes, num_images, reference_ima
         times["crf"] = sum(crf_times)
         return times, masks, iam, crf_times
 
-    reference_images = reference_images or num_images
-    results["config"]["reference_images"] = reference_images
-    click.echo(f"reference path on {reference_images} images ...")
-    for _ in range(warmup):
-        run_reference(photos[0])
-    ref_times, ref_masks, ref_maps, crf_full = [], {}, {}, []
-    for p in photos[:reference_images]:
-        times, masks, iam, crf_times = run_reference(p)
-        ref_times.append(times)
-        ref_masks[p.stem], ref_maps[p.stem] = masks, iam
-        crf_full += crf_times
-    results["paths"]["reference"] = _path_result(ref_times, 1)
-
-    # ---------------- torch eager path ----------------
-    from iam_export.graphs import DetectGraph, SegmentGraph
-
-    detect_t = DetectGraph(model, 3, "median", 0.0, upsample, num_peaks).eval()
-    segment_t = SegmentGraph(model, filling, upsample).eval()
-    click.echo("torch eager path ...")
-    torch_times = []
-    for i, p in enumerate([photos[0]] * warmup + photos[:reference_images]):
+    def run_torch(path: Path, detect_t: DetectGraph, segment_t: SegmentGraph, device: torch.device) -> dict:
         times = dict.fromkeys(STAGES, 0.0)
         t0 = time.perf_counter()
-        rgb = decode_image(p)
-        x = torch.from_numpy(preprocess(rgb, size, IMAGENET_MEAN, IMAGENET_STD))[None]
-        times["decode"] = time.perf_counter() - t0
+        rgb = decode_image(path)
+        x = torch.from_numpy(preprocess(rgb, size, IMAGENET_MEAN, IMAGENET_STD))[None].to(device)
+        times["decode"] = _synced(device, t0)
         with torch.no_grad():
             t0 = time.perf_counter()
             _, coords, _, _ = detect_t(x)
-            times["detect"] = time.perf_counter() - t0
+            times["detect"] = _synced(device, t0)
             t0 = time.perf_counter()
             _, iam = segment_t(x, coords[0, :num_peaks])
+            iam = iam.cpu().numpy()
             times["segment"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        for m in iam.numpy():
+        for m in iam:
             dense_crf(rgb, resize_map(m, rgb.shape[:2]), bundle.manifest.crf, 0)
         times["crf"] = time.perf_counter() - t0
-        if i >= warmup:
-            torch_times.append(times)
-    results["paths"]["torch"] = _path_result(torch_times, 1)
+        return times
 
-    # ---------------- runtime (onnxruntime) paths ----------------
+    reference_images = reference_images or num_images
+    results["config"]["reference_images"] = reference_images
+    timed_photos = photos[:reference_images]
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    ref_masks, ref_maps, crf_full = {}, {}, []
+    for device in devices:
+        suffix = "" if device.type == "cpu" else "-cuda"
+        net, fill = (model, filling) if device.type == "cpu" else (copy.deepcopy(model).to(device),
+                                                                    copy.deepcopy(filling).to(device))
+        click.echo(f"reference path on {device.type}, {reference_images} images ...")
+        for _ in range(warmup):
+            run_reference(photos[0], net, fill, device)
+        ref_times = []
+        for p in timed_photos:
+            times, masks, iam, crf_times = run_reference(p, net, fill, device)
+            ref_times.append(times)
+            if device.type == "cpu":  # the masks every path is compared with
+                ref_masks[p.stem], ref_maps[p.stem] = masks, iam
+                crf_full += crf_times
+        results["paths"][f"reference{suffix}"] = _path_result(ref_times, 1)
+
+        if device.type == "cpu" and not cpu_paths:
+            continue
+        click.echo(f"torch eager path on {device.type} ...")
+        detect_t = DetectGraph(net, 3, "median", 0.0, upsample, num_peaks).eval()
+        segment_t = SegmentGraph(net, fill, upsample).eval()
+        torch_times = [run_torch(p, detect_t, segment_t, device) for p in [photos[0]] * warmup + timed_photos]
+        results["paths"][f"torch{suffix}"] = _path_result(torch_times[warmup:], 1)
+    if len(devices) == 1:
+        results["paths"]["torch-cuda"] = {"skipped": "no CUDA GPU (torch.cuda.is_available() is False)"}
+
+    # ---------------- runtime paths (iam-infer) ----------------
     import onnxruntime as ort
 
-    provider_sets = [("onnxruntime-cpu", ["CPUExecutionProvider"])]
-    for name, prov in (("onnxruntime-cuda", "CUDAExecutionProvider"), ("onnxruntime-tensorrt", "TensorrtExecutionProvider")):
-        if prov in ort.get_available_providers() and torch.cuda.is_available():
-            provider_sets.append((name, [prov, "CPUExecutionProvider"]))
+    provider_sets = [("onnxruntime-cpu", ["CPUExecutionProvider"])] if cpu_paths else []
+    for name, prov in (("onnxruntime-cuda", ["CUDAExecutionProvider"]),
+                       ("onnxruntime-tensorrt", ["TensorrtExecutionProvider", "CUDAExecutionProvider"])):
+        if prov[0] in ort.get_available_providers() and torch.cuda.is_available():
+            provider_sets.append((name, [*prov, "CPUExecutionProvider"]))
         else:
-            results["paths"][name] = {"skipped": f"{prov} not available (no GPU or onnxruntime-gpu here)"}
+            results["paths"][name] = {"skipped": f"{prov[0]} not available (no GPU or onnxruntime-gpu here)"}
     agreement = {}
     sizes = [int(b) for b in batch_sizes.split(",")]
     # (suffix, refinement, CRF max side, batch sizes): the default runtime (full-resolution CRF, as
     # the reference), the CRF at reduced resolution (faster, approximate), no CRF.
     variants = [("", "crf", 0, sizes), (f"-crf{FAST_CRF_SIDE}", "crf", FAST_CRF_SIDE, sizes[-1:])]
     variants += [("-nocrf", "threshold", 0, sizes)] if no_crf else []
-    for name, providers in provider_sets:
+    engines = [(name, dict(bundle=str(bundle_dir), backend="onnxruntime", providers=providers))
+               for name, providers in provider_sets]
+    engines += _tensorrt_engines(out, bundle_dir, ckpt, results, sizes, num_peaks)
+    for name, engine in engines:
         for suffix, refine, max_side, bs in [(*v[:3], b) for v in variants for b in v[3]]:
             key = f"{name}-b{bs}{suffix}"
             run_dir = out / "runs" / key
             options = dict(batch_size=bs, max_peaks=num_peaks, score_threshold=float("-inf"), refine=refine,
                            peak_threshold=float("-inf"), nms_iou=1.01, crf_workers=crf_workers, crf_max_side=max_side)
             results["paths"][key] = _runtime_path(out, key, dict(
-                bundle=str(bundle_dir), images=str(out / "images"), warmup_image=str(photos[0]), out=str(run_dir),
-                providers=providers, options=options))
-            if name == "onnxruntime-cpu" and refine == "crf" and suffix not in agreement:
-                agreement[suffix] = _agreement(run_dir, ref_masks)
-    results["agreement_onnxruntime_vs_reference"] = agreement.get("")
-    results[f"agreement_onnxruntime_crf{FAST_CRF_SIDE}_vs_reference"] = agreement.get(f"-crf{FAST_CRF_SIDE}")
+                **engine, images=str(out / "images"), warmup_image=str(photos[0]), out=str(run_dir), options=options))
+            if refine == "crf" and "failed" not in results["paths"][key]:
+                agreement[f"{name}{suffix}"] = _agreement(run_dir, ref_masks)
+    results["agreement_onnxruntime_vs_reference"] = agreement.get("onnxruntime-cpu")
+    results[f"agreement_onnxruntime_crf{FAST_CRF_SIDE}_vs_reference"] = agreement.get(f"onnxruntime-cpu-crf{FAST_CRF_SIDE}")
+    results["agreement_vs_reference"] = agreement
 
     # ---------------- CRF comparison ----------------
     # The reference path's full-resolution masks and times against the reduced resolution.
@@ -308,21 +358,31 @@ def main(backbone, image_size, num_peaks, batch_sizes, num_images, reference_ima
     # ---------------- FLOPs and hardware rate ----------------
     x1 = torch.randn(1, 3, image_size, image_size)
     peaks = torch.tensor([[i % 20, i % 8, (3 * i) % 8] for i in range(num_peaks)])
-    detect_flops = count_flops(detect_t, x1)
-    segment_flops = count_flops(segment_t, x1, peaks)
+    detect_flops = count_flops(DetectGraph(model, 3, "median", 0.0, upsample, num_peaks).eval(), x1)
+    segment_flops = count_flops(SegmentGraph(model, filling, upsample).eval(), x1, peaks)
     rate = gemm_rate()
     cpu = results["paths"].get("onnxruntime-cpu-b1", {}).get("stage_mean_s", {})
     results["flops"] = {"detect_per_image": detect_flops, "segment_per_image": segment_flops, "gemm_flops_per_s": rate,
                         "detect_achieved_flops_per_s": detect_flops / cpu["detect"] if cpu.get("detect") else None,
                         "segment_achieved_flops_per_s": segment_flops / cpu["segment"] if cpu.get("segment") else None}
+    if torch.cuda.is_available():
+        results["flops"]["gpu_gemm_flops_per_s"] = {dtype: gemm_rate_cuda(dtype) for dtype in ("fp32", "tf32", "fp16")}
+    # achieved rate of every path that ran, per stage (for a batch > 1: per image of the batch)
+    results["flops"]["achieved_per_path"] = {
+        name: {stage: flops / r["stage_mean_s"][stage] for stage, flops in (("detect", detect_flops),
+                                                                           ("segment", segment_flops))
+               if r["stage_mean_s"][stage] > 0}
+        for name, r in results["paths"].items() if "stage_mean_s" in r}
 
-    ref_e2e = results["paths"]["reference"]["end_to_end_per_image_s"]
-    for r in results["paths"].values():
-        if "end_to_end_per_image_s" in r:
-            r["speedup"] = ref_e2e / r["end_to_end_per_image_s"]
-            if "stage_mean_s" in r:
-                r["segment_speedup_per_peak"] = (results["paths"]["reference"]["stage_mean_s"]["segment"]
-                                                 / max(r["stage_mean_s"]["segment"], 1e-9))
+    for ref_name, key in (("reference", ""), ("reference-cuda", "_vs_reference_cuda")):
+        ref = results["paths"].get(ref_name)
+        if ref is None:
+            continue
+        for r in results["paths"].values():
+            if "end_to_end_per_image_s" in r:
+                r[f"speedup{key}"] = ref["end_to_end_per_image_s"] / r["end_to_end_per_image_s"]
+                r[f"segment_speedup_per_peak{key}"] = (ref["stage_mean_s"]["segment"]
+                                                       / max(r["stage_mean_s"]["segment"], 1e-9))
     write_json(out / "latency.json", results)
     table = markdown_table(results)
     (out / "latency.md").write_text(table)
@@ -332,15 +392,68 @@ def main(backbone, image_size, num_peaks, batch_sizes, num_images, reference_ima
 
 def _runtime_path(out: Path, key: str, spec: dict) -> dict:
     """One iam-infer path in a process of its own (benchmarks.runtime_path): no torch loaded, its
-    own peak RSS, the CRF worker processes started from a clean process."""
+    own peak RSS, the CRF worker processes started from a clean process. A path that fails (a GPU
+    provider that does not load, say) is recorded as failed, with the end of its error output."""
     import subprocess
     import sys
 
     spec_path, result_path = out / "runs" / f"{key}.spec.json", out / "runs" / f"{key}.result.json"
     write_json(spec_path, spec)
-    subprocess.run([sys.executable, "-m", "benchmarks.runtime_path", str(spec_path), str(result_path)], check=True,
-                   cwd=Path(__file__).resolve().parents[1])
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.runtime_path", str(spec_path), str(result_path)],
+                          cwd=Path(__file__).resolve().parents[1], stderr=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        reason = proc.stderr.strip().splitlines()[-1:] or [f"exit status {proc.returncode}"]
+        click.echo(f"{key} failed: {reason[0]}", err=True)
+        return {"failed": reason[0]}
     return json.loads(result_path.read_text())
+
+
+def _tensorrt_engines(out: Path, bundle_dir: Path, ckpt: Path, results: dict, sizes: list[int],
+                      num_peaks: int) -> list[tuple[str, dict]]:
+    """Native TensorRT engines for the runtime paths: fp32 (the fp32 bundle), fp16 (an fp16
+    bundle: TensorRT 11 is strongly typed) and INT8 (the detect graph quantised with Q/DQ,
+    calibrated on the benchmark's photos). Where TensorRT or a GPU is missing, or a build fails,
+    the path is recorded as skipped or failed with the reason."""
+    import shutil
+
+    from iam_export.export_onnx import ExportOptions, export_bundle
+    from iam_export.tensorrt_build import (
+        BuildOptions,
+        TensorRTUnavailable,
+        build_bundle_engines,
+        import_tensorrt,
+    )
+
+    try:
+        import_tensorrt()
+        if not torch.cuda.is_available():
+            raise TensorRTUnavailable("no CUDA GPU on this machine")
+    except TensorRTUnavailable as exc:
+        results["paths"]["tensorrt"] = {"skipped": str(exc)}
+        return []
+    engines = []
+    for precision in ("fp32", "fp16", "int8"):
+        name = f"tensorrt-{precision}"
+        target = out / f"bundle-{name}"
+        try:
+            shutil.rmtree(target, ignore_errors=True)
+            if precision == "fp16":
+                export_bundle(ckpt / "prm.pt", ckpt / "filling.pt", target,
+                              ExportOptions(max_peaks=max(32, num_peaks), force=True, fp16=True,
+                                            class_threshold=float("-inf")), log=lambda *_: None)
+            else:
+                shutil.copytree(bundle_dir, target)
+            t = time.perf_counter()
+            build_bundle_engines(target, BuildOptions(fp16=precision == "fp16", int8=precision == "int8",
+                                                      max_batch=max(sizes), opt_batch=max(sizes),
+                                                      max_peaks=max(32, num_peaks), opt_peaks=num_peaks),
+                                 calib_images=out / "images" if precision == "int8" else None, log=click.echo)
+            results.setdefault("tensorrt_build_seconds", {})[precision] = time.perf_counter() - t
+        except Exception as exc:  # noqa: BLE001 - recorded with its reason, the other paths go on
+            results["paths"][name] = {"failed": f"{type(exc).__name__}: {exc}"}
+            continue
+        engines.append((name, dict(bundle=str(target), backend="tensorrt")))
+    return engines
 
 
 def _path_result(times: list[dict], batch: int) -> dict:
@@ -369,15 +482,18 @@ def markdown_table(results: dict) -> str:
     c = results["config"]
     lines = [f"{c['backbone']}@{c['image_size']}, {c['peaks']} peaks/image, T={c['steps']}, "
              f"{results['machine'].get('cpus')} CPUs, torch {results['machine'].get('torch')}",
-             "", "| path | images/s | per image (s) | decode | detect | segment | CRF | write | speed-up |",
+             "", "| path | images/s | per image (s) | decode | detect | segment | CRF | write | speed-up"
+             + (" (vs CPU / CUDA reference)" if "reference-cuda" in results["paths"] else "") + " |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, r in results["paths"].items():
-        if "skipped" in r:
-            lines.append(f"| {name} | skipped: {r['skipped']} | | | | | | | |")
+        if "skipped" in r or "failed" in r:
+            status = "skipped" if "skipped" in r else "failed"
+            lines.append(f"| {name} | {status}: {r[status]} | | | | | | | |")
             continue
         s = r["stage_mean_s"]
         lines.append(f"| {name} | {r['images_per_s']:.3f} | {r['end_to_end_per_image_s']:.2f} | {s['decode']:.3f} | "
-                     f"{s['detect']:.3f} | {s['segment']:.2f} | {s['crf']:.2f} | {s['write']:.3f} | {r['speedup']:.2f}x |")
+                     f"{s['detect']:.3f} | {s['segment']:.2f} | {s['crf']:.2f} | {s['write']:.3f} | {r['speedup']:.2f}x"
+                     + (f" / {r['speedup_vs_reference_cuda']:.2f}x" if "speedup_vs_reference_cuda" in r else "") + " |")
     crf = results["crf"]
     fmt = lambda v, f: format(v, f) if v is not None else "n/a"  # noqa: E731
     lines += ["", f"CRF per instance: reference (full resolution, one process) {crf['full_resolution_per_instance_s']:.3f} s; "
@@ -397,6 +513,15 @@ def markdown_table(results: dict) -> str:
                  f"{f['segment_per_image'] / 1e9:.1f} G; fp32 GEMM rate {f['gemm_flops_per_s'] / 1e9:.0f} GFLOP/s; achieved "
                  + ", ".join(f"{k.split('_')[0]} {v / 1e9:.0f} GFLOP/s" for k, v in f.items()
                              if k.endswith("achieved_flops_per_s") and v))
+    if any("stage_mean_s" in r and ("cuda" in n or "tensorrt" in n) for n, r in results["paths"].items()):
+        lines.append("On a GPU engine the runtime's CRF runs in worker processes overlapped with the engine: its "
+                     "CRF stage is worker seconds per image, and the stages add up to more than the end-to-end time.")
+    if "gpu_gemm_flops_per_s" in f:
+        gpu = {k: v for k, v in f["achieved_per_path"].items() if "cuda" in k or "tensorrt" in k}
+        lines.append("GPU GEMM rate " + ", ".join(f"{k} {v / 1e12:.0f}" for k, v in f["gpu_gemm_flops_per_s"].items())
+                     + " TFLOP/s; achieved (TFLOP/s, detect / segment): "
+                     + "; ".join(f"{k} {v.get('detect', 0) / 1e12:.2f} / {v.get('segment', 0) / 1e12:.2f}"
+                                 for k, v in gpu.items()))
     return "\n".join(lines) + "\n"
 
 

@@ -4,7 +4,8 @@ that is not timed.
 
     python -m benchmarks.runtime_path SPEC.json RESULT.json
 
-SPEC: {"bundle", "images", "warmup_image", "out", "providers", "options": InferOptions fields}.
+SPEC: {"bundle", "images", "warmup_image", "out", "backend": "onnxruntime" (with "providers") or
+"tensorrt" (the bundle's engines), "options": InferOptions fields}.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from iam_runtime.backends import OnnxRuntimeBackend
+from iam_runtime.backends import OnnxRuntimeBackend, TensorRTBackend
 from iam_runtime.bundle import load_bundle
 from iam_runtime.pipeline import InferOptions, run
 
@@ -23,11 +24,20 @@ from .common import own_peak_rss_mb, write_json
 
 def run_path(spec: dict) -> dict:
     bundle = load_bundle(spec["bundle"])
-    backend = OnnxRuntimeBackend(bundle, spec["providers"])
+    if spec.get("backend", "onnxruntime") == "tensorrt":
+        backend = TensorRTBackend(bundle)
+    else:
+        backend = OnnxRuntimeBackend(bundle, spec["providers"])
     options = InferOptions(**spec["options"], progress=False)
     out = Path(spec["out"])
     shutil.rmtree(out, ignore_errors=True)
-    run(bundle, backend, spec["warmup_image"], out.with_name(out.name + "-warmup"), options)
+    # Warm-up on a full batch: GPU providers pick their kernels per input shape on first use.
+    warm = out.with_name(out.name + "-warmup")
+    shutil.rmtree(warm, ignore_errors=True)
+    (warm / "images").mkdir(parents=True)
+    for i in range(options.batch_size):
+        shutil.copy(spec["warmup_image"], warm / "images" / f"warmup_{i}{Path(spec['warmup_image']).suffix}")
+    run(bundle, backend, warm / "images", warm / "out", options)
     summary = run(bundle, backend, spec["images"], out, options)
     done = max(summary.completed, 1)
     stage = {k: v / done for k, v in summary.stage_seconds.items()}
@@ -38,7 +48,7 @@ def run_path(spec: dict) -> dict:
                          "crf": stage["refine"], "write": stage["write"]},
         "latency": {f"{k}_s": v for k, v in summary.latency_s.items()},
         "peak_rss_mb": {"self": own_peak_rss_mb()},
-        "providers": backend.providers,
+        "engine": backend.describe(),
     }
 
 

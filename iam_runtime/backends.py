@@ -35,6 +35,34 @@ def default_cache_dir() -> Path:
     return Path(base) / "iam"
 
 
+def _preload_cuda_libraries(ort) -> None:
+    """Load CUDA and cuDNN from the pip-installed NVIDIA packages (onnxruntime-gpu >= 1.21), so
+    the CUDA provider loads without LD_LIBRARY_PATH; libraries already loaded (by torch, say)
+    are left as they are. Where this fails, the provider check below reports what did not load."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return
+    try:
+        preload()
+    except Exception as exc:  # noqa: BLE001 - a failed preload surfaces as a provider that did not load
+        log.debug("onnxruntime.preload_dlls() failed: %s", exc)
+
+
+def _tensorrt_libraries_present() -> bool:
+    """Whether TensorRT's libnvinfer loads here. onnxruntime-gpu lists its TensorRT provider
+    wherever it is installed; without libnvinfer, asking for it prints a long error and falls
+    back, so the automatic choice leaves it out."""
+    import ctypes
+
+    for name in ("libnvinfer.so.10", "libnvinfer.so.11", "libnvinfer.so"):
+        try:
+            ctypes.CDLL(name)
+            return True
+        except OSError:
+            continue
+    return False
+
+
 class OnnxRuntimeBackend:
     name = "onnxruntime"
 
@@ -50,7 +78,10 @@ class OnnxRuntimeBackend:
                 raise BackendError(f"onnxruntime here has no {', '.join(unknown)} (available: {', '.join(available)})")
             chosen = asked
         else:
-            chosen = [p for p in (*GPU_PROVIDERS, "CPUExecutionProvider") if p in available]
+            chosen = [p for p in (*GPU_PROVIDERS, "CPUExecutionProvider") if p in available
+                      and (p != "TensorrtExecutionProvider" or _tensorrt_libraries_present())]
+        if any(p in GPU_PROVIDERS for p in chosen):
+            _preload_cuda_libraries(ort)
         cache = (cache_dir or default_cache_dir()) / "trt-ep" / bundle.manifest.graphs["detect"].sha256[:16]
         options = []
         for p in chosen:

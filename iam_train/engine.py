@@ -144,7 +144,8 @@ def open_run(out: Path, kind: str, device: str, resume: bool) -> tuple[Runtime, 
 
 def restore_training_state(ckpt: dict, model, optimizer, scheduler) -> tuple[int, float]:
     """Load a checkpoint written by :func:`save_training_state`: returns (epochs done, best metric)
-    and restores the RNG states, so the run continues bit for bit."""
+    and restores the RNG states, so the run continues bit for bit (on the CPU: some CUDA backward
+    kernels accumulate with atomics, in an order that varies from run to run)."""
     from .checkpoint import set_rng_state
 
     model.load_state_dict(ckpt["model"])

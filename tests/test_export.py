@@ -116,7 +116,8 @@ def _conv_transpose_model(rng) -> onnx.ModelProto:
                              pads=[1, 1, 1, 1]))
     graph = h.make_graph(nodes, "t", [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 32, 9, 11])],
                          [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 1, 20, 24])], inits)
-    return h.make_model(graph, opset_imports=[h.make_opsetid("", 20)])
+    # IR 10 (opset 20's), not onnx's newest default, which older onnxruntime releases refuse
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 20)], ir_version=10)
 
 
 def test_conv_transpose_rewrite_is_exact():

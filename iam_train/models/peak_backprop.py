@@ -126,7 +126,7 @@ class _ConvRule:
     def __init__(self, conv: nn.Conv2d, x: Tensor):
         self.conv = conv
         self.shifted = x - x.min()
-        self.pos_w = conv.weight.clamp(min=0)
+        self.pos_w = F.relu(conv.weight)
         norm = F.conv2d(self.shifted, self.pos_w, None, conv.stride, conv.padding, conv.dilation, conv.groups)
         self.inv_norm = torch.where(norm < EPS, torch.zeros_like(norm), 1.0 / (norm.abs() + EPS))
 
