@@ -122,7 +122,8 @@ def test_runtime_on_onnxruntime_cuda_matches_cpu(trained_bundle, synthetic, tmp_
     h, w = bundle.manifest.input.size
     images = np.random.default_rng(0).normal(size=(3, 3, h, w)).astype(np.float32)
     want, got = cpu.detect(images), gpu.detect(images)
-    # TF32 (the CUDA provider's default for convolutions) against fp32: scores within 2e-2.
+    # fp32 on both (the backend turns the CUDA provider's TF32 off); the tolerances are those
+    # that held with TF32 on (measured on an H100), so they hold a fortiori.
     np.testing.assert_allclose(got["class_scores"], want["class_scores"], atol=2e-2, rtol=2e-2)
     peaks = want["peak_coords"][0, : max(int(want["peak_counts"][0]), 1)]
     m_want, m_got = cpu.segment(images[:1], peaks), gpu.segment(images[:1], peaks)
