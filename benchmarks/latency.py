@@ -209,8 +209,8 @@ def main(backbone, image_size, num_peaks, batch_sizes, num_images, reference_ima
 
     click.echo("exporting the bundle ...")
     t = time.perf_counter()
-    export_bundle(ckpt / "prm.pt", ckpt / "filling.pt", bundle_dir,
-                  ExportOptions(max_peaks=max(32, num_peaks), force=True, class_threshold=float("-inf")), log=lambda *_: None)
+    export_options = ExportOptions(max_peaks=max(32, num_peaks), force=True, class_threshold=float("-inf"))
+    export_bundle(ckpt / "prm.pt", ckpt / "filling.pt", bundle_dir, export_options, log=lambda *_: None)
     results["export_seconds"] = time.perf_counter() - t
     bundle = load_bundle(bundle_dir)
     size = (image_size, image_size)
@@ -218,12 +218,17 @@ def main(backbone, image_size, num_peaks, batch_sizes, num_images, reference_ima
     # ---------------- reference and torch paths (CPU, and CUDA where present) ----------------
     from iam_export.graphs import DetectGraph, SegmentGraph
 
-    def run_reference(path: Path, net: ResNetFCN, fill: InstanceExtentFilling, device: torch.device):
-        times = dict.fromkeys(STAGES, 0.0)
+    def load(path: Path, device: torch.device, times: dict) -> tuple[np.ndarray, torch.Tensor]:
+        """The photo (H, W, 3) and its (1, 3, S, S) network input on the device, timed as decode."""
         t0 = time.perf_counter()
         rgb = decode_image(path)
         x = torch.from_numpy(preprocess(rgb, size, IMAGENET_MEAN, IMAGENET_STD))[None].to(device)
         times["decode"] = _synced(device, t0)
+        return rgb, x
+
+    def run_reference(path: Path, net: ResNetFCN, fill: InstanceExtentFilling, device: torch.device):
+        times = dict.fromkeys(STAGES, 0.0)
+        rgb, x = load(path, device, times)
         t0 = time.perf_counter()
         with torch.no_grad():
             feats = net(x)
@@ -245,10 +250,7 @@ def main(backbone, image_size, num_peaks, batch_sizes, num_images, reference_ima
 
     def run_torch(path: Path, detect_t: DetectGraph, segment_t: SegmentGraph, device: torch.device) -> dict:
         times = dict.fromkeys(STAGES, 0.0)
-        t0 = time.perf_counter()
-        rgb = decode_image(path)
-        x = torch.from_numpy(preprocess(rgb, size, IMAGENET_MEAN, IMAGENET_STD))[None].to(device)
-        times["decode"] = _synced(device, t0)
+        rgb, x = load(path, device, times)
         with torch.no_grad():
             t0 = time.perf_counter()
             _, coords, _, _ = detect_t(x)
@@ -282,7 +284,7 @@ def main(backbone, image_size, num_peaks, batch_sizes, num_images, reference_ima
             if device.type == "cpu":  # the masks every path is compared with
                 ref_masks[p.stem], ref_maps[p.stem] = masks, iam
                 crf_full += crf_times
-        results["paths"][f"reference{suffix}"] = _path_result(ref_times, 1)
+        results["paths"][f"reference{suffix}"] = _path_result(ref_times)
 
         if device.type == "cpu" and not cpu_paths:
             continue
@@ -290,7 +292,7 @@ def main(backbone, image_size, num_peaks, batch_sizes, num_images, reference_ima
         detect_t = DetectGraph(net, 3, "median", 0.0, upsample, num_peaks).eval()
         segment_t = SegmentGraph(net, fill, upsample).eval()
         torch_times = [run_torch(p, detect_t, segment_t, device) for p in [photos[0]] * warmup + timed_photos]
-        results["paths"][f"torch{suffix}"] = _path_result(torch_times[warmup:], 1)
+        results["paths"][f"torch{suffix}"] = _path_result(torch_times[warmup:])
     if len(devices) == 1:
         results["paths"]["torch-cuda"] = {"skipped": "no CUDA GPU (torch.cuda.is_available() is False)"}
 
@@ -312,7 +314,7 @@ def main(backbone, image_size, num_peaks, batch_sizes, num_images, reference_ima
     variants += [("-nocrf", "threshold", 0, sizes)] if no_crf else []
     engines = [(name, dict(bundle=str(bundle_dir), backend="onnxruntime", providers=providers))
                for name, providers in provider_sets]
-    engines += _tensorrt_engines(out, bundle_dir, ckpt, results, sizes, num_peaks)
+    engines += _tensorrt_engines(out, bundle_dir, ckpt, export_options, results, sizes, num_peaks)
     for name, engine in engines:
         for suffix, refine, max_side, bs in [(*v[:3], b) for v in variants for b in v[3]]:
             key = f"{name}-b{bs}{suffix}"
@@ -408,15 +410,16 @@ def _runtime_path(out: Path, key: str, spec: dict) -> dict:
     return json.loads(result_path.read_text())
 
 
-def _tensorrt_engines(out: Path, bundle_dir: Path, ckpt: Path, results: dict, sizes: list[int],
+def _tensorrt_engines(out: Path, bundle_dir: Path, ckpt: Path, export_options, results: dict, sizes: list[int],
                       num_peaks: int) -> list[tuple[str, dict]]:
     """Native TensorRT engines for the runtime paths: fp32 (the fp32 bundle), fp16 (an fp16
     bundle: TensorRT 11 is strongly typed) and INT8 (the detect graph quantised with Q/DQ,
     calibrated on the benchmark's photos). Where TensorRT or a GPU is missing, or a build fails,
     the path is recorded as skipped or failed with the reason."""
+    import dataclasses
     import shutil
 
-    from iam_export.export_onnx import ExportOptions, export_bundle
+    from iam_export.export_onnx import export_bundle
     from iam_export.tensorrt_build import (
         BuildOptions,
         TensorRTUnavailable,
@@ -439,8 +442,7 @@ def _tensorrt_engines(out: Path, bundle_dir: Path, ckpt: Path, results: dict, si
             shutil.rmtree(target, ignore_errors=True)
             if precision == "fp16":
                 export_bundle(ckpt / "prm.pt", ckpt / "filling.pt", target,
-                              ExportOptions(max_peaks=max(32, num_peaks), force=True, fp16=True,
-                                            class_threshold=float("-inf")), log=lambda *_: None)
+                              dataclasses.replace(export_options, fp16=True), log=lambda *_: None)
             else:
                 shutil.copytree(bundle_dir, target)
             t = time.perf_counter()
@@ -456,7 +458,7 @@ def _tensorrt_engines(out: Path, bundle_dir: Path, ckpt: Path, results: dict, si
     return engines
 
 
-def _path_result(times: list[dict], batch: int) -> dict:
+def _path_result(times: list[dict]) -> dict:
     stages = {k: statistics.median([t[k] for t in times]) for k in STAGES}
     per_image = [sum(t.values()) for t in times]
     return {"stage_mean_s": stages, "end_to_end_per_image_s": statistics.median(per_image),
@@ -507,8 +509,8 @@ def markdown_table(results: dict) -> str:
         f"onnxruntime-cpu-crf{FAST_CRF_SIDE}": results.get(f"agreement_onnxruntime_crf{FAST_CRF_SIDE}_vs_reference")}
     for name, ag in agreements.items():
         if ag and ag["mean_iou"] is not None:
-            crf = f"CRF at max side {FAST_CRF_SIDE}" if name.endswith(f"crf{FAST_CRF_SIDE}") else "full-resolution CRF"
-            lines.append(f"Final masks, {name.removesuffix(f'-crf{FAST_CRF_SIDE}')} ({crf}) vs reference: mean IoU "
+            label = f"CRF at max side {FAST_CRF_SIDE}" if name.endswith(f"crf{FAST_CRF_SIDE}") else "full-resolution CRF"
+            lines.append(f"Final masks, {name.removesuffix(f'-crf{FAST_CRF_SIDE}')} ({label}) vs reference: mean IoU "
                          f"{ag['mean_iou']:.3f} ({ag['reference_masks_nonempty']} of {ag['reference_masks']} reference "
                          "masks non-empty)")
     f = results["flops"]

@@ -1,6 +1,6 @@
 """One runtime path of the latency benchmark, in a process of its own, as users run it: the
-torch-free ``iam-infer`` pipeline (no torch imported, its own peak RSS), after one warm-up image
-that is not timed.
+torch-free ``iam-infer`` pipeline (no torch imported, its own peak RSS), after a warm-up batch
+(copies of one image) that is not timed.
 
     python -m benchmarks.runtime_path SPEC.json RESULT.json
 

@@ -154,7 +154,7 @@ def refine_and_write(rgb: np.ndarray, maps: np.ndarray, meta: list[tuple[int, fl
     """Worker: masks for one image's activation maps, duplicates removed, outputs written.
     Returns (records, refine seconds, write seconds)."""
     started = time.perf_counter()
-    masks = refine_instances(rgb, maps, "crf" if method == "crf" else "threshold", crf, mask_threshold, crf_max_side)
+    masks = refine_instances(rgb, maps, method, crf, mask_threshold, crf_max_side)
     refined = time.perf_counter()
     return write_masks(rgb, masks, meta, nms_iou, out_dir, stem, image_id, file_name, classes, save, refined - started)
 
@@ -178,8 +178,8 @@ def _refine_across(pool: ProcessPoolExecutor, workers: int, rgb: np.ndarray, map
     started = time.perf_counter()
     try:
         chunks = np.array_split(np.arange(len(maps)), max(1, min(workers, len(maps))))
-        parts = [pool.submit(refine_instances, rgb, maps[c], "crf" if method == "crf" else "threshold", crf,
-                             mask_threshold, crf_max_side) for c in chunks]
+        parts = [pool.submit(refine_instances, rgb, maps[c], method, crf, mask_threshold, crf_max_side)
+                 for c in chunks]
         masks = np.concatenate([part.result() for part in parts])
     except Exception as exc:
         future: Future = Future()

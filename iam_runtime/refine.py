@@ -66,7 +66,8 @@ def dense_crf(rgb: np.ndarray, prob: np.ndarray, crf: CRFSpec, max_side: int = 0
 def refine_instances(rgb: np.ndarray, maps: np.ndarray, method: str, crf: CRFSpec,
                      threshold: float = 0.5, crf_max_side: int = 0) -> np.ndarray:
     """rgb: (H, W, 3); maps: (N, h, w) activation maps in [0, 1] at network resolution ->
-    (N, H, W) bool masks at the image's resolution."""
+    (N, H, W) bool masks at the image's resolution. ``method`` "crf" runs the dense CRF; any
+    other ("threshold", "none") keeps the pixels whose map is >= ``threshold``."""
     size = rgb.shape[:2]
     masks = np.zeros((len(maps), *size), dtype=bool)
     image_crf = ImageCRF(rgb, crf, crf_max_side) if method == "crf" and len(maps) else None
