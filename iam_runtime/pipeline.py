@@ -1,7 +1,8 @@
 """The inference pipeline over a folder (DESIGN.md, "The runtime pipeline"):
 
 decode + resize (threads) -> detect (batched) -> select peaks -> segment (per image, peaks in
-chunks) -> refine (dense CRF) + write, in a process pool that overlaps the engine.
+chunks) -> refine (dense CRF) + write, in a process pool (overlapping a GPU engine; between
+engine calls, on every core, for an engine on the CPU).
 
 Every output file is written atomically; an image's JSON record is written last and marks it
 complete, so ``resume`` skips exactly the images whose outputs are complete, and an interrupted
@@ -16,7 +17,7 @@ import os
 import statistics
 import time
 from collections import deque
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from .bundle import Bundle, CRFSpec
 from .images import IMAGE_EXTENSIONS, ImageError, decode_image, list_images, preprocess
 from .outputs import Instance, atomic_write_bytes, is_complete, output_paths, write_image_outputs
 from .peaks import peak_input_coordinates, select_peaks
-from .refine import refine_instances
+from .refine import CRFSchedule, refine_instances
 
 log = logging.getLogger(__name__)
 SAVE_CHOICES = ("masks", "overlays", "json")
@@ -37,9 +38,10 @@ class InferOptions:
     batch_size: int = 4
     refine: str = "crf"  # crf | threshold | none
     crf_workers: int = 0  # 0: one per CPU core
-    # CRF on the image scaled to this longer side; 0: full resolution, the reference's masks. On
-    # low-confidence maps a reduced-resolution CRF can give quite different masks (benchmarks).
+    # CRF on the image scaled to this longer side, but for its last crf_full_iterations (see
+    # refine.CRFSchedule); 0: full resolution, the reference's masks.
     crf_max_side: int = 0
+    crf_full_iterations: int = 1
     max_peaks: int | None = None  # per image; default: the bundle's
     score_threshold: float | None = None  # class score threshold; default: the bundle's
     peak_threshold: float | None = None
@@ -48,8 +50,10 @@ class InferOptions:
     peak_chunk: int = 8  # peaks per segment call (bounds memory)
     save: tuple[str, ...] = SAVE_CHOICES
     # Refine image i while the engine runs image i+1 (None: only when the engine is on a GPU). An
-    # engine on the CPU already uses every core; overlapping would stall both, so there each
-    # image's instances are refined on all workers at once, between engine calls.
+    # engine on the CPU already uses every core; overlapping would stall both, so there a batch is
+    # refined on all workers at once, between engine calls: whole images per worker when the batch
+    # has at least one image per worker (each image's CRF lattices built once), else each image's
+    # instances split across the workers.
     overlap_refine: bool | None = None
     resume: bool = False
     decode_threads: int = 2
@@ -150,11 +154,12 @@ def _nms(instances: list[Instance], iou: float) -> list[Instance]:
 
 def refine_and_write(rgb: np.ndarray, maps: np.ndarray, meta: list[tuple[int, float, float, tuple[int, int]]],
                      method: str, crf: CRFSpec, mask_threshold: float, nms_iou: float, out_dir: str, stem: str,
-                     image_id: str, file_name: str, classes: list[str], save: tuple[str, ...], crf_max_side: int = 0):
+                     image_id: str, file_name: str, classes: list[str], save: tuple[str, ...],
+                     schedule: CRFSchedule | None = None):
     """Worker: masks for one image's activation maps, duplicates removed, outputs written.
     Returns (records, refine seconds, write seconds)."""
     started = time.perf_counter()
-    masks = refine_instances(rgb, maps, method, crf, mask_threshold, crf_max_side)
+    masks = refine_instances(rgb, maps, method, crf, mask_threshold, schedule)
     refined = time.perf_counter()
     return write_masks(rgb, masks, meta, nms_iou, out_dir, stem, image_id, file_name, classes, save, refined - started)
 
@@ -172,13 +177,13 @@ def write_masks(rgb: np.ndarray, masks: np.ndarray, meta: list[tuple[int, float,
 
 def _refine_across(pool: ProcessPoolExecutor, workers: int, rgb: np.ndarray, maps: np.ndarray, meta, method: str,
                    crf: CRFSpec, mask_threshold: float, nms_iou: float, out_dir: str, stem: str, image_id: str,
-                   file_name: str, classes: list[str], save: tuple[str, ...], crf_max_side: int) -> Future:
+                   file_name: str, classes: list[str], save: tuple[str, ...], schedule: CRFSchedule) -> Future:
     """One image's instances refined on every worker at once, then written here; a completed
     Future like refine_and_write's."""
     started = time.perf_counter()
     try:
         chunks = np.array_split(np.arange(len(maps)), max(1, min(workers, len(maps))))
-        parts = [pool.submit(refine_instances, rgb, maps[c], method, crf, mask_threshold, crf_max_side)
+        parts = [pool.submit(refine_instances, rgb, maps[c], method, crf, mask_threshold, schedule)
                  for c in chunks]
         masks = np.concatenate([part.result() for part in parts])
     except Exception as exc:
@@ -245,15 +250,17 @@ def run(bundle: Bundle, backend, source: str | Path, out_dir: str | Path, option
     in_flight: deque[tuple[InputItem, Future]] = deque()
     submit = pool.submit if pool is not None else _run_inline
     overlap = options.overlap_refine if options.overlap_refine is not None else backend.device == "gpu"
+    schedule = CRFSchedule(options.crf_max_side, options.crf_full_iterations)
     bar = tqdm(total=len(todo), desc="images", unit="img", disable=not options.progress)
 
     entered: dict[str, float] = {}  # stem -> when its batch entered the engine
     latencies: list[float] = []
 
-    def finish(item: InputItem, result) -> None:
+    def finish(item: InputItem, result, time_scale: float = 1.0) -> None:
         latencies.append(time.perf_counter() - entered.pop(item.stem, started))
         try:
             records, refine_s, write_s = result.result()
+            refine_s, write_s = refine_s * time_scale, write_s * time_scale
         except Exception as exc:  # a worker failure is this image's failure, not the run's
             summary.failed += 1
             summary.errors.append({"file": item.file_name, "stage": "refine/write", "reason": f"{type(exc).__name__}: {exc}"})
@@ -269,6 +276,17 @@ def run(bundle: Bundle, backend, source: str | Path, out_dir: str | Path, option
         while len(in_flight) > limit or (in_flight and in_flight[0][1].done()):
             item, result = in_flight.popleft()
             finish(item, result)
+
+    def refine_whole_images(jobs: list[tuple[InputItem, tuple]]) -> None:
+        """A batch's images, one task each, on all workers at once. The stage times count wall
+        time: the workers' own refine and write seconds are scaled to the batch's wall time."""
+        t0 = time.perf_counter()
+        futures = [(it, pool.submit(refine_and_write, *args)) for it, args in jobs]
+        wait([f for _, f in futures])
+        busy = sum(sum(f.result()[1:]) for _, f in futures if f.exception() is None)
+        scale = (time.perf_counter() - t0) / busy if busy > 0 else 1.0
+        for it, f in futures:
+            finish(it, f, scale)
 
     try:
         queue = deque(todo)
@@ -299,6 +317,7 @@ def run(bundle: Bundle, backend, source: str | Path, out_dir: str | Path, option
             entered.update((it.stem, t0) for it, _, _ in batch)
             det = backend.detect(np.stack([b[2] for b in batch]))
             summary.stage_seconds["detect"] += time.perf_counter() - t0
+            whole_images = []  # (item, refine arguments), refined together after the batch's segment calls
             for i, (it, rgb, tensor) in enumerate(batch):
                 chosen = select_peaks(det["class_scores"][i], det["peak_coords"][i], det["peak_values"][i],
                                       int(det["peak_counts"][i]), class_threshold, peak_threshold, max_peaks)
@@ -316,13 +335,17 @@ def run(bundle: Bundle, backend, source: str | Path, out_dir: str | Path, option
                          tuple(int(v) for v in np.clip(p * scale, 0, np.array(rgb.shape[:2]) - 1)))
                         for j, c, p in zip(chosen, coords, yx)]
                 args = (rgb, maps, meta, options.refine, m.crf, options.mask_threshold, options.nms_iou, str(out_dir),
-                        it.stem, it.image_id, it.file_name, list(m.classes), save, options.crf_max_side)
+                        it.stem, it.image_id, it.file_name, list(m.classes), save, schedule)
                 if overlap or pool is None or options.refine != "crf":
                     in_flight.append((it, submit(refine_and_write, *args)))
                     drain(2 * workers)
+                elif len(batch) >= workers:
+                    whole_images.append((it, args))
                 else:
                     in_flight.append((it, _refine_across(pool, workers, *args)))
                     drain(0)
+            if whole_images:
+                refine_whole_images(whole_images)
         drain(0)
     finally:
         bar.close()

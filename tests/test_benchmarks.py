@@ -36,6 +36,11 @@ def test_latency_benchmark_smoke(tmp_path):
     assert 0 <= report["agreement_onnxruntime_crf320_vs_reference"]["mean_iou"] <= 1
     assert "onnxruntime-cpu-b2-crf320" in paths
     assert {"speedup", "mean_iou_vs_full_resolution", "runtime_default_speedup"} <= set(report["crf"])
+    # the CRF alone on object-shaped maps: the runtime at full resolution gives the reference's masks
+    objects = report["crf"]["object_maps"]
+    assert objects["instances"] >= 1
+    assert objects["runtime_full_resolution"]["mean_iou"] == 1.0
+    assert 0 <= objects["runtime_max_side_320_coarse_only"]["mean_iou"] <= 1
     assert report["flops"]["detect_per_image"] > 0 and report["flops"]["segment_per_image"] > 0
     assert (tmp_path / "latency.md").read_text().count("|") > 20
     assert (tmp_path / "latency.png").stat().st_size > 1000

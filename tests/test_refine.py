@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from iam_runtime.bundle import CRFSpec
-from iam_runtime.refine import dense_crf, refine_instances, resize_map
+from iam_runtime.refine import CRFSchedule, dense_crf, refine_instances, resize_map
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +27,8 @@ def photo_and_maps():
 def test_one_crf_per_image_equals_one_per_instance(photo_and_maps, max_side):
     rgb, maps = photo_and_maps
     crf = CRFSpec()
-    together = refine_instances(rgb, maps, "crf", crf, crf_max_side=max_side)
-    alone = np.stack([dense_crf(rgb, resize_map(m, rgb.shape[:2]), crf, max_side) for m in maps])
+    together = refine_instances(rgb, maps, "crf", crf, schedule=CRFSchedule(max_side))
+    alone = np.stack([dense_crf(rgb, resize_map(m, rgb.shape[:2]), crf, CRFSchedule(max_side)) for m in maps])
     assert together.shape == (4, 150, 200) and together.dtype == bool
     np.testing.assert_array_equal(together, alone)
     # each instance got its own mask: non-empty, not the whole image, different from the others
@@ -41,3 +41,27 @@ def test_threshold_refinement_needs_no_crf(photo_and_maps):
     rgb, maps = photo_and_maps
     masks = refine_instances(rgb, maps, "threshold", CRFSpec(), threshold=0.5)
     assert masks.shape == (4, 150, 200) and 0 < masks.mean() < 0.5
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / max((a | b).sum(), 1))
+
+
+def test_coarse_to_fine_crf_stays_close_to_full_resolution(photo_and_maps):
+    """Reduced resolution for all but the last iteration: masks near the full-resolution CRF's
+    (the reference's), nearer than a CRF at reduced resolution throughout."""
+    rgb, maps = photo_and_maps
+    crf = CRFSpec()
+    full = refine_instances(rgb, maps, "crf", crf)
+    coarse_to_fine = refine_instances(rgb, maps, "crf", crf, schedule=CRFSchedule(max_side=100))
+    coarse_only = refine_instances(rgb, maps, "crf", crf, schedule=CRFSchedule(max_side=100, full_iterations=0))
+    near = [_iou(a, b) for a, b in zip(full, coarse_to_fine)]
+    far = [_iou(a, b) for a, b in zip(full, coarse_only)]
+    assert min(near) >= 0.9 and np.mean(near) >= np.mean(far), (near, far)
+    # every iteration at full resolution is the full-resolution CRF itself
+    np.testing.assert_array_equal(refine_instances(rgb, maps, "crf", crf, schedule=CRFSchedule(100, 5)), full)
+
+
+def test_crf_schedule_rejects_negative_values():
+    with pytest.raises(ValueError, match="must be >= 0"):
+        CRFSchedule(max_side=-1)
