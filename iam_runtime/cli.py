@@ -29,11 +29,11 @@ EXIT_OK, EXIT_IMAGES_FAILED, EXIT_INTERRUPTED = 0, 1, 130
 @click.option("--refine", type=click.Choice(["crf", "threshold", "none"]), default="crf", show_default=True,
               help="crf: dense CRF per instance; threshold/none: activation map >= --mask-threshold.")
 @click.option("--crf-workers", default=0, show_default=True, help="Refinement processes (0: one per core).")
-@click.option("--crf-max-side", default=0, show_default=True,
+@click.option("--crf-max-side", default=0, show_default=True, type=click.IntRange(min=0),
               help="Run the CRF's mean-field iterations on the image scaled to this longer side, e.g. 320, but "
                    "for the last --crf-full-iterations (faster; masks close to, not equal to, the reference's). "
                    "0: full resolution, as the reference.")
-@click.option("--crf-full-iterations", default=1, show_default=True,
+@click.option("--crf-full-iterations", default=1, show_default=True, type=click.IntRange(min=0),
               help="With --crf-max-side: how many of the last iterations run at full resolution.")
 @click.option("--max-peaks", type=int, default=None, help="Instances per image at most (default: the bundle's).")
 @click.option("--score-threshold", type=float, default=None, help="Class score (logit) threshold.")
@@ -73,8 +73,6 @@ def main(input_path, out, bundle, demo, backend, providers, tf32, batch_size, re
         engine = select_backend(loaded, backend, providers.split(",") if providers else None, tf32=tf32)
     except (BundleError, BackendError) as exc:
         raise click.ClickException(str(exc)) from exc
-    if crf_max_side < 0 or crf_full_iterations < 0:
-        raise click.BadParameter("must be >= 0", param_hint="--crf-max-side / --crf-full-iterations")
     options = InferOptions(batch_size=batch_size, refine=refine, crf_workers=crf_workers, crf_max_side=crf_max_side,
                            crf_full_iterations=crf_full_iterations, max_peaks=max_peaks,
                            score_threshold=score_threshold, peak_threshold=peak_threshold,

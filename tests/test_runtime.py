@@ -244,3 +244,8 @@ def test_backend_selection_is_explicit(trained_bundle, tmp_path):
     code, output = infer(str(tmp_path), "-o", str(tmp_path / "o"), "--bundle", str(copy), "--providers",
                          "NoSuchExecutionProvider")
     assert code == 1 and "NoSuchExecutionProvider" in output and "Traceback" not in output
+
+
+def test_crf_options_are_checked(trained_bundle, val_images, tmp_path):
+    code, output = infer(str(val_images), "-o", str(tmp_path), "--bundle", str(trained_bundle), "--crf-max-side", "-1")
+    assert code == 2 and "--crf-max-side" in output and "Traceback" not in output
