@@ -281,7 +281,14 @@ def run(bundle: Bundle, backend, source: str | Path, out_dir: str | Path, option
         """A batch's images, one task each, on all workers at once. The stage times count wall
         time: the workers' own refine and write seconds are scaled to the batch's wall time."""
         t0 = time.perf_counter()
-        futures = [(it, pool.submit(refine_and_write, *args)) for it, args in jobs]
+        futures = []
+        for it, args in jobs:
+            try:
+                futures.append((it, pool.submit(refine_and_write, *args)))
+            except Exception as exc:  # a broken pool: this image fails, as a worker failure would
+                failed: Future = Future()
+                failed.set_exception(exc)
+                futures.append((it, failed))
         wait([f for _, f in futures])
         busy = sum(sum(f.result()[1:]) for _, f in futures if f.exception() is None)
         scale = (time.perf_counter() - t0) / busy if busy > 0 else 1.0
