@@ -79,6 +79,12 @@ def reference_filling(filling: InstanceExtentFilling, prm: torch.Tensor, kernels
     return filling.decode(x).squeeze(1)
 
 
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    """IoU of two (H, W) bool masks; two empty masks agree (1.0)."""
+    union = (a | b).sum()
+    return float((a & b).sum() / union) if union else 1.0
+
+
 def object_shaped_maps(rgb: np.ndarray, count: int) -> list[np.ndarray]:
     """Up to ``count`` (H, W) activation maps shaped like a trained filling network's, for the CRF
     comparison: the photo's largest graph-based segments of 2 to 40 % of its area, blurred
@@ -122,7 +128,7 @@ def crf_on_object_maps(photos: list[Path], count: int, crf, workers: int, max_si
     for rgb, maps in images:
         for m in maps:
             t0 = time.perf_counter()
-            reference.append(dense_crf(rgb, m, crf, 0))
+            reference.append(dense_crf(rgb, m, crf))
             times.append(time.perf_counter() - t0)
     instances = len(reference)
     result = {"instances": instances, "images": len(images), "reference_per_instance_s": float(np.mean(times)),
@@ -137,8 +143,7 @@ def crf_on_object_maps(photos: list[Path], count: int, crf, workers: int, max_si
             jobs = [pool.submit(refine_instances, rgb, maps, "crf", crf, 0.5, schedule) for rgb, maps in images]
             masks = [m for job in jobs for m in job.result()]
             per_instance = (time.perf_counter() - t0) / max(instances, 1)
-            ious = [float((a & b).sum() / max((a | b).sum(), 1)) if (a | b).any() else 1.0
-                    for a, b in zip(reference, masks)]
+            ious = [mask_iou(a, b) for a, b in zip(reference, masks)]
             result[key] = {"per_instance_s": per_instance, "speedup": result["reference_per_instance_s"] / per_instance,
                            "mean_iou": float(np.mean(ious)), "min_iou": float(np.min(ious))}
     return result
@@ -308,7 +313,7 @@ def main(backbone, image_size, num_peaks, batch_sizes, num_images, reference_ima
         masks, crf_times = [], []  # one full-resolution CRF per instance, each timed
         for m in iam:
             t0 = time.perf_counter()
-            masks.append(dense_crf(rgb, resize_map(m, rgb.shape[:2]), bundle.manifest.crf, 0))
+            masks.append(dense_crf(rgb, resize_map(m, rgb.shape[:2]), bundle.manifest.crf))
             crf_times.append(time.perf_counter() - t0)
         times["crf"] = sum(crf_times)
         return times, masks, iam, crf_times
@@ -326,7 +331,7 @@ def main(backbone, image_size, num_peaks, batch_sizes, num_images, reference_ima
             times["segment"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         for m in iam:
-            dense_crf(rgb, resize_map(m, rgb.shape[:2]), bundle.manifest.crf, 0)
+            dense_crf(rgb, resize_map(m, rgb.shape[:2]), bundle.manifest.crf)
         times["crf"] = time.perf_counter() - t0
         return times
 
@@ -403,7 +408,7 @@ def main(backbone, image_size, num_peaks, batch_sizes, num_images, reference_ima
             t0 = time.perf_counter()
             b = dense_crf(rgb, resize_map(m, rgb.shape[:2]), bundle.manifest.crf, CRFSchedule(FAST_CRF_SIDE))
             crf_fast.append(time.perf_counter() - t0)
-            ious.append(float((a & b).sum() / max((a | b).sum(), 1)) if (a | b).any() else 1.0)
+            ious.append(mask_iou(a, b))
             nonempty += bool(a.any())
     workers = crf_workers or os.cpu_count() or 1
     full = statistics.median(crf_full)
@@ -542,7 +547,7 @@ def _agreement(run_dir: Path, ref_masks: dict) -> dict:
     for stem, masks in ref_masks.items():
         ours = [mask_utils.decode(p["segmentation"]).astype(bool) for p in preds if p["image_id"] == stem]
         for m in masks:
-            best = max([((m & o).sum() / max((m | o).sum(), 1)) for o in ours], default=0.0)
+            best = max([mask_iou(m, o) for o in ours], default=0.0)
             ious.append(best if m.any() else 1.0)
     nonempty = sum(m.any() for masks in ref_masks.values() for m in masks)
     return {"mean_iou": float(np.mean(ious)) if ious else None, "reference_masks": len(ious),
