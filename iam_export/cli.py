@@ -27,23 +27,37 @@ def main() -> None:
 @click.option("--max-peaks", default=100, show_default=True, help="Peaks per image in the detect graph's outputs.")
 @click.option("--fp16", is_flag=True, help="fp16 convolution trunk (fp32 peak finding, heads and I/O).")
 @click.option("--verify/--no-verify", default=True, show_default=True, help="Check onnxruntime against PyTorch.")
-@click.option("--from-reference", is_flag=True, help="The checkpoints are the reference implementation's.")
+@click.option("--from-reference", is_flag=True,
+              help="The checkpoints are the reference implementation's: the bundle computes its inference.")
+@click.option("--reference-config", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="With --from-reference: the reference's config.yml (image_size, iterate_num, win_size, "
+                   "sub_pixel_locating_factor, filter_type).")
 @click.option("--steps", type=int, default=None, help="Filling propagation steps (default: as trained).")
-@click.option("--class-threshold", type=float, default=0.0, show_default=True,
-              help="Runtime: a class is present when its score (logit) is at least this.")
-@click.option("--peak-threshold", type=float, default=None, help="Runtime: use peaks with a value above this.")
+@click.option("--class-threshold", type=float, default=None,
+              help="Runtime default: a class is present when its score (logit) is at least this "
+                   "[reference: -3; ours: 0].")
+@click.option("--peak-threshold", type=float, default=None,
+              help="Runtime default: use peaks with a value above this [reference: 30; ours: -inf].")
+@click.option("--nms-iou", type=float, default=None,
+              help="Runtime default: same-class masks overlapping more than this are dropped; above 1: off "
+                   "[reference: off; ours: 0.5].")
+@click.option("--filling-normalization", type=click.Choice(["running", "batch"]), default=None,
+              help="BatchNorm of the filling network at inference: running statistics, or the statistics of "
+                   "each image's peaks together [reference: batch; ours: running].")
 @click.option("--force", is_flag=True, help="Replace a non-empty --out.")
-def export_onnx(prm, filling, out, image_size, opset, max_peaks, fp16, verify, from_reference, steps,
-                class_threshold, peak_threshold, force) -> None:
+def export_onnx(prm, filling, out, image_size, opset, max_peaks, fp16, verify, from_reference, reference_config,
+                steps, class_threshold, peak_threshold, nms_iou, filling_normalization, force) -> None:
     """Write an ONNX bundle (detect + segment graphs, manifest) and verify it."""
+    from iam_runtime.bundle import describe_semantics
     from iam_train.checkpoint import CheckpointFileError
     from iam_train.models import CheckpointError
 
     from .export_onnx import ExportError, export_bundle, options_from
 
     options = options_from(image_size=image_size, opset=opset, max_peaks=max_peaks, fp16=fp16, verify=verify,
-                           from_reference=from_reference, steps=steps, class_threshold=class_threshold,
-                           peak_threshold=peak_threshold, force=force)
+                           from_reference=from_reference, reference_config=reference_config, steps=steps,
+                           class_threshold=class_threshold, peak_threshold=peak_threshold, nms_iou=nms_iou,
+                           filling_normalization=filling_normalization, force=force)
     try:
         manifest = export_bundle(prm, filling, out, options, log=click.echo)
     except (ExportError, CheckpointError, CheckpointFileError, FileNotFoundError, PermissionError) as exc:
@@ -52,6 +66,7 @@ def export_onnx(prm, filling, out, image_size, opset, max_peaks, fp16, verify, f
     click.echo(f"wrote {out} ({size:.0f} MiB, {len(manifest.classes)} classes, "
                f"{manifest.input.size[0]}x{manifest.input.size[1]}, {manifest.graphs['detect'].precision}) in "
                f"{manifest.verification['export_seconds']:.0f} s")
+    click.echo(describe_semantics(manifest))
 
 
 @main.command("tensorrt")

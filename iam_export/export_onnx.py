@@ -27,12 +27,20 @@ from iam_runtime.bundle import (
 )
 from iam_runtime.voc import IMAGENET_MEAN, IMAGENET_STD, VOC_CLASSES
 from iam_train.checkpoint import load_checkpoint
-from iam_train.models import InstanceExtentFilling, ResNetFCN, load_reference_filling, load_reference_prm
+from iam_train.models import (
+    InstanceExtentFilling,
+    ReferenceSettings,
+    ResNetFCN,
+    load_reference_filling,
+    load_reference_prm,
+    read_reference_config,
+)
+from iam_train.models.peaks import map_threshold, upsample_crm
 
 from . import onnx_ops
 from .graphs import DetectGraph, SegmentGraph
 from .rewrites import conv_transpose_as_conv
-from .verify import ParityRow, compare, format_table, rows_as_dicts
+from .verify import ParityRow, compare, compare_detect, format_table, rows_as_dicts
 
 
 class ExportError(ValueError):
@@ -41,16 +49,29 @@ class ExportError(ValueError):
 
 @dataclass
 class ExportOptions:
+    """What to export and with which semantics. The semantics fields left at None take the
+    checkpoints' own: for ``from_reference``, the reference's inference (SPEC.md section 7:
+    class score >= -3, peak value > 30, every valid peak kept without NMS, batch-statistics
+    filling); for our checkpoints, ours (0, -inf, NMS at 0.5, running statistics)."""
+
     image_size: int | None = None  # default: the size the PRM network was trained at
     opset: int = 20
     max_peaks: int = 100
     fp16: bool = False
     verify: bool = True
     from_reference: bool = False
+    reference_config: str | Path | None = None  # the reference's config.yml (with from_reference)
     steps: int | None = None  # filling propagation steps; default: as trained
-    class_threshold: float = 0.0
-    peak_threshold: float = float("-inf")
+    class_threshold: float | None = None
+    peak_threshold: float | None = None
+    nms_iou: float | None = None  # a value > 1 turns NMS off
+    filling_normalization: str | None = None  # "running" | "batch"
     force: bool = False
+
+
+# The semantics of each source when the options leave them open.
+REFERENCE_SELECTION = {"class_threshold": -3.0, "peak_threshold": 30.0, "nms_iou": None, "normalization": "batch"}
+OWN_SELECTION = {"class_threshold": 0.0, "peak_threshold": float("-inf"), "nms_iou": 0.5, "normalization": "running"}
 
 
 @dataclass
@@ -62,14 +83,29 @@ class LoadedModels:
     win_size: int
     threshold_mode: str
     upsample_factor: int
+    threshold_value: float = 0.0
+    class_threshold: float = 0.0
+    peak_threshold: float = float("-inf")
+    nms_iou: float | None = 0.5
+
+    @property
+    def peak_kwargs(self) -> dict:
+        return dict(win_size=self.win_size, threshold_mode=self.threshold_mode, threshold_value=self.threshold_value,
+                    upsample_factor=self.upsample_factor)
 
 
 def load_models(prm: str | Path, filling: str | Path, options: ExportOptions) -> LoadedModels:
     """Our run checkpoints (kind-checked) or, with ``from_reference``, the reference's."""
+    if options.reference_config and not options.from_reference:
+        raise ExportError("--reference-config goes with --from-reference")
     if options.from_reference:
+        settings = read_reference_config(options.reference_config) if options.reference_config else ReferenceSettings()
         backbone = load_reference_prm(prm)
-        fill = load_reference_filling(filling, steps=options.steps or 112)
-        models = LoadedModels(backbone, fill, list(VOC_CLASSES), 448, 3, "median", 8)
+        fill = load_reference_filling(filling, steps=options.steps or settings.iterate_num)
+        mode, value = settings.threshold
+        models = LoadedModels(backbone, fill, list(VOC_CLASSES), settings.image_size, settings.win_size, mode,
+                              settings.sub_pixel_locating_factor, value)
+        defaults = REFERENCE_SELECTION
     else:
         from iam_train.train_filling import load_prm
 
@@ -79,15 +115,19 @@ def load_models(prm: str | Path, filling: str | Path, options: ExportOptions) ->
         if list(trained_on) != list(meta["classes"]):
             raise ExportError(f"the filling checkpoint was trained with a PRM network of classes {trained_on}, "
                               f"but {prm} has {meta['classes']}")
-        f = ckpt["filling"]
-        fill = InstanceExtentFilling(backbone.feature_channels, f["channels"], f["kernel_size"], f["hidden"],
-                                     options.steps or f["steps"])
+        fill = InstanceExtentFilling.from_architecture(backbone.feature_channels, ckpt["filling"], steps=options.steps)
         try:
             fill.load_state_dict(ckpt["model"])
         except RuntimeError as exc:
             raise ExportError(f"the filling checkpoint does not fit the {meta['arch']} backbone: {exc}") from exc
         models = LoadedModels(backbone, fill, list(meta["classes"]), meta["image_size"], meta["win_size"],
                               meta["threshold_mode"], meta["upsample_factor"])
+        defaults = OWN_SELECTION
+    models.class_threshold = _pick(options.class_threshold, defaults["class_threshold"])
+    models.peak_threshold = _pick(options.peak_threshold, defaults["peak_threshold"])
+    nms = _pick(options.nms_iou, defaults["nms_iou"])
+    models.nms_iou = None if nms is None or nms > 1 else nms
+    models.filling.normalization = _pick(options.filling_normalization, defaults["normalization"])
     if options.image_size:
         models.image_size = options.image_size
     if models.image_size % 32:
@@ -95,6 +135,10 @@ def load_models(prm: str | Path, filling: str | Path, options: ExportOptions) ->
     models.backbone.eval()
     models.filling.eval()
     return models
+
+
+def _pick(value, default):
+    return default if value is None else value
 
 
 def _tensor_specs(values: list[onnx.ValueInfoProto]) -> list[TensorSpec]:
@@ -120,8 +164,7 @@ SEGMENT_OUTPUTS = ["prm", "iam"]
 
 def build_graphs(models: LoadedModels, options: ExportOptions) -> dict[str, onnx.ModelProto]:
     s = models.image_size
-    peak_kwargs = dict(win_size=models.win_size, threshold_mode=models.threshold_mode, threshold_value=0.0,
-                       upsample_factor=models.upsample_factor, max_peaks=options.max_peaks)
+    peak_kwargs = dict(**models.peak_kwargs, max_peaks=options.max_peaks)
     detect = DetectGraph(models.backbone, **peak_kwargs).eval()
     batch = torch.export.Dim("batch", min=1, max=1024)
     detect_model = _export(detect, (torch.randn(2, 3, s, s),), ({0: batch},), ["images"], DETECT_OUTPUTS, options.opset)
@@ -150,15 +193,17 @@ def verify_graphs(paths: dict[str, Path], models: LoadedModels, options: ExportO
     s = models.image_size
     g = torch.Generator().manual_seed(seed)
     images = torch.randn(3, 3, s, s, generator=g)
-    detect = DetectGraph(models.backbone, models.win_size, models.threshold_mode, 0.0, models.upsample_factor,
-                         options.max_peaks).eval()
+    detect = DetectGraph(models.backbone, **models.peak_kwargs, max_peaks=options.max_peaks).eval()
     det_sess = ort.InferenceSession(str(paths["detect"]), providers=["CPUExecutionProvider"])
     rows = []
     with torch.no_grad():
         for n in (1, 3):
             ref = [t.numpy() for t in detect(images[:n])]
             got = det_sess.run(DETECT_OUTPUTS, {"images": images[:n].numpy()})
-            rows += compare(f"detect/{n}", DETECT_OUTPUTS, got, ref, precision)
+            maps = upsample_crm(models.backbone(images[:n]).crm, models.upsample_factor)
+            thresholds = map_threshold(maps, models.threshold_mode, models.threshold_value)
+            rows += compare_detect(f"detect/{n}", maps.numpy(), thresholds.numpy(), models.win_size, ref, got,
+                                   precision)
         scores, coords, values, counts = detect(images[:1])
         peaks = coords[0, : min(7, int(counts[0]))]
         if len(peaks) < 7:  # top up with other grid locations: any (class, y, x) is a valid input
@@ -231,9 +276,11 @@ def export_bundle(prm: str | Path, filling: str | Path, out: str | Path, options
         manifest = Manifest(
             classes=models.classes,
             input=InputSpec([models.image_size, models.image_size], list(IMAGENET_MEAN), list(IMAGENET_STD)),
-            peaks=PeakSpec(models.win_size, models.threshold_mode, 0.0, models.upsample_factor, options.max_peaks,
-                           options.class_threshold, options.peak_threshold),
-            filling=FillingSpec(models.filling.channels, models.filling.kernel_size, models.filling.steps),
+            peaks=PeakSpec(models.win_size, models.threshold_mode, models.threshold_value, models.upsample_factor,
+                           options.max_peaks, models.class_threshold, models.peak_threshold, nms_iou=models.nms_iou),
+            filling=FillingSpec(models.filling.channels, models.filling.kernel_size, models.filling.steps,
+                                normalization=models.filling.normalization,
+                                align_corners=models.filling.align_corners),
             crf=CRFSpec(),
             graphs=specs,
             producer={**_versions(), "source": "reference" if options.from_reference else "iam-train",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +65,9 @@ class InputSpec:
 
 @dataclass
 class PeakSpec:
+    """Which peaks become instances. The reference's: class score >= -3, peak value > 30, every
+    valid peak kept (no cap below the detect graph's K, no NMS)."""
+
     win_size: int = 3
     threshold_mode: str = "median"
     threshold_value: float = 0.0
@@ -72,6 +76,12 @@ class PeakSpec:
     class_threshold: float = 0.0  # a class is present when its score (a logit) is >= this
     peak_threshold: float = float("-inf")  # and a peak is used when its value is > this
     stride: int = 32  # CRM cell j is centred on input pixel stride * j
+    # Same-class masks overlapping more than this: the lower-scored is dropped (with empty masks).
+    # None: every valid peak's instance is kept, duplicates included (the reference).
+    nms_iou: float | None = 0.5
+
+
+FILLING_NORMALIZATIONS = ("running", "batch")
 
 
 @dataclass
@@ -80,6 +90,15 @@ class FillingSpec:
     kernel_size: int = 3
     steps: int = 112
     mask_threshold: float = 0.5  # instance activation map -> mask when no CRF is used
+    # "running": BatchNorm on running statistics (peaks independent of each other); "batch": each
+    # BatchNorm on the statistics of the image's peaks together (the reference's inference), so
+    # the segment graph must get all of an image's peaks in one call. Bundles written before this
+    # field: "running".
+    normalization: str = "running"
+    align_corners: bool = False  # the feature pyramid's upsampling, baked into the segment graph
+
+
+CRF_FRAMES = ("input", "image")
 
 
 @dataclass
@@ -90,6 +109,10 @@ class CRFSpec:
     bilateral_sxy: float = 80.0
     bilateral_srgb: float = 13.0
     bilateral_compat: float = 10.0
+    # "input": on the image resized to the network's input size (the reference's frame; kernel
+    # widths in its pixels; cost independent of the photo's size), masks brought to the photo's
+    # size from the refined probabilities. "image": at the photo's resolution.
+    frame: str = "input"
 
 
 @dataclass
@@ -107,22 +130,27 @@ class Manifest:
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> str:
-        def encode(obj):
-            if isinstance(obj, float) and obj == float("-inf"):
-                return "-inf"
-            if isinstance(obj, dict):
-                return {k: encode(v) for k, v in obj.items()}
-            if isinstance(obj, list):
-                return [encode(v) for v in obj]
-            return obj
+        return json.dumps(_encode_floats(dataclasses.asdict(self)), indent=2, allow_nan=False)
 
-        return json.dumps(encode(dataclasses.asdict(self)), indent=2)
+
+def _encode_floats(obj):
+    """JSON has no infinities: non-finite floats are written as the strings "inf", "-inf", "nan"
+    (read back by :func:`_build` for fields declared float)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {k: _encode_floats(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_encode_floats(v) for v in obj]
+    return obj
 
 
 REQUIRED_GRAPHS = ("detect", "segment")
 
 
-def _build(cls, data: Any, where: str):
+def _build(cls, data: Any, where: str) -> dict:
+    """Check an object against a dataclass's fields; returns its fields, with non-finite floats
+    decoded (see :func:`_encode_floats`)."""
     if not isinstance(data, dict):
         raise BundleError(f"manifest {where}: expected an object, got {type(data).__name__}")
     names = {f.name: f for f in dataclasses.fields(cls)}
@@ -133,7 +161,19 @@ def _build(cls, data: Any, where: str):
                and f.default_factory is dataclasses.MISSING]
     if missing:
         raise BundleError(f"manifest {where}: missing fields {missing}")
-    return data
+    out = dict(data)
+    for name, value in data.items():
+        if str(names[name].type).startswith("float") and isinstance(value, str):
+            if value not in ("inf", "-inf", "nan"):
+                raise BundleError(f"manifest {where}.{name}: {value!r} is not a number")
+            out[name] = float(value)
+    return out
+
+
+def _choice(value: str, choices: tuple[str, ...], where: str) -> str:
+    if value not in choices:
+        raise BundleError(f"manifest {where}: {value!r} is not one of {', '.join(choices)}")
+    return value
 
 
 def manifest_from_dict(data: dict) -> Manifest:
@@ -143,9 +183,6 @@ def manifest_from_dict(data: dict) -> Manifest:
     if version != FORMAT_VERSION:
         raise BundleError(f"bundle format version {version} is not supported by this runtime (it reads {FORMAT_VERSION})")
     _build(Manifest, data, "top level")
-    peaks = dict(_build(PeakSpec, data["peaks"], "peaks"))
-    if peaks.get("peak_threshold") == "-inf":
-        peaks["peak_threshold"] = float("-inf")
     if not isinstance(data["graphs"], dict):
         raise BundleError("manifest graphs: expected an object of name -> graph")
     graphs = {}
@@ -156,17 +193,31 @@ def manifest_from_dict(data: dict) -> Manifest:
     missing = [k for k in REQUIRED_GRAPHS if k not in graphs]
     if missing:
         raise BundleError(f"manifest lists no {' or '.join(missing)} graph")
+    filling = FillingSpec(**_build(FillingSpec, data["filling"], "filling"))
+    _choice(filling.normalization, FILLING_NORMALIZATIONS, "filling.normalization")
+    crf = CRFSpec(**_build(CRFSpec, data["crf"], "crf"))
+    _choice(crf.frame, CRF_FRAMES, "crf.frame")
     return Manifest(
         classes=list(data["classes"]),
         input=InputSpec(**_build(InputSpec, data["input"], "input")),
-        peaks=PeakSpec(**peaks),
-        filling=FillingSpec(**_build(FillingSpec, data["filling"], "filling")),
-        crf=CRFSpec(**_build(CRFSpec, data["crf"], "crf")),
+        peaks=PeakSpec(**_build(PeakSpec, data["peaks"], "peaks")),
+        filling=filling,
+        crf=crf,
         graphs=graphs,
         engines=[EngineSpec(**_build(EngineSpec, e, "engines[]")) for e in data.get("engines", [])],
         producer=data.get("producer", {}),
         verification=data.get("verification", {}),
     )
+
+
+def describe_semantics(manifest: Manifest) -> str:
+    """One line: what the bundle's inference computes (for logs and the CLIs)."""
+    p, f = manifest.peaks, manifest.filling
+    nms = "no NMS" if p.nms_iou is None else f"NMS at {p.nms_iou:g}"
+    source = manifest.producer.get("source", "?")
+    return (f"{source} semantics: class score >= {p.class_threshold:g}, peak > {p.peak_threshold:g}, {nms}, "
+            f"filling on {f.normalization} statistics, CRF in the {manifest.crf.frame} frame; "
+            f"{manifest.graphs['detect'].precision}")
 
 
 def sha256_file(path: str | Path) -> str:

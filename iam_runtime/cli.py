@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from .backends import BackendError, select_backend
-from .bundle import BundleError, load_bundle
+from .bundle import BundleError, describe_semantics, load_bundle
 from .pipeline import SAVE_CHOICES, InferOptions, run
 
 EXIT_OK, EXIT_IMAGES_FAILED, EXIT_INTERRUPTED = 0, 1, 130
@@ -35,17 +35,28 @@ EXIT_OK, EXIT_IMAGES_FAILED, EXIT_INTERRUPTED = 0, 1, 130
                    "0: full resolution, as the reference.")
 @click.option("--crf-full-iterations", default=1, show_default=True, type=click.IntRange(min=0),
               help="With --crf-max-side: how many of the last iterations run at full resolution.")
-@click.option("--max-peaks", type=int, default=None, help="Instances per image at most (default: the bundle's).")
-@click.option("--score-threshold", type=float, default=None, help="Class score (logit) threshold.")
-@click.option("--peak-threshold", type=float, default=None, help="Peak value threshold.")
-@click.option("--mask-threshold", default=0.5, show_default=True)
-@click.option("--nms-iou", default=0.5, show_default=True,
-              help="Same-class masks overlapping more than this: the lower score is dropped (above 1: keep all).")
+@click.option("--crf-frame", type=click.Choice(["input", "image"]), default=None,
+              help="Where the CRF runs: input = on the image resized to the network's input size, masks brought "
+                   "to the photo's size (the reference's frame; cost independent of the photo); image = at the "
+                   "photo's resolution, capped by --crf-photo-max-side. Default: the bundle's (input).")
+@click.option("--crf-photo-max-side", default=1024, show_default=True, type=click.IntRange(min=0),
+              help="With --crf-frame image: larger photos are refined at this longer side (0: no cap).")
+@click.option("--max-peaks", type=click.IntRange(min=1), default=None,
+              help="Instances per image at most (default: the bundle's; a warning names the images it cuts).")
+@click.option("--score-threshold", type=float, default=None,
+              help="Class score (logit) threshold (default: the bundle's; reference: -3).")
+@click.option("--peak-threshold", type=float, default=None,
+              help="Peak value threshold (default: the bundle's; reference: 30).")
+@click.option("--mask-threshold", type=float, default=None, help="Without CRF (default: the bundle's, 0.5).")
+@click.option("--nms-iou", type=float, default=None,
+              help="Same-class masks overlapping more than this: the lower score is dropped; above 1: keep every "
+                   "instance (default: the bundle's; reference: off).")
 @click.option("--save", default=",".join(SAVE_CHOICES), show_default=True, help="What to write.")
 @click.option("--resume", is_flag=True, help="Skip images whose outputs are complete.")
 @click.option("--no-progress", is_flag=True)
 def main(input_path, out, bundle, demo, backend, providers, tf32, batch_size, refine, crf_workers, crf_max_side,
-         crf_full_iterations, max_peaks, score_threshold, peak_threshold, mask_threshold, nms_iou, save, resume, no_progress) -> None:
+         crf_full_iterations, crf_frame, crf_photo_max_side, max_peaks, score_threshold, peak_threshold, mask_threshold,
+         nms_iou, save, resume, no_progress) -> None:
     """Segment instances in INPUT (a folder, an image, or a .txt list of paths).
 
     Exit status: 0 when every image completed, 1 when some images could not be read or
@@ -74,11 +85,12 @@ def main(input_path, out, bundle, demo, backend, providers, tf32, batch_size, re
     except (BundleError, BackendError) as exc:
         raise click.ClickException(str(exc)) from exc
     options = InferOptions(batch_size=batch_size, refine=refine, crf_workers=crf_workers, crf_max_side=crf_max_side,
-                           crf_full_iterations=crf_full_iterations, max_peaks=max_peaks,
+                           crf_full_iterations=crf_full_iterations, crf_frame=crf_frame,
+                           crf_photo_max_side=crf_photo_max_side, max_peaks=max_peaks,
                            score_threshold=score_threshold, peak_threshold=peak_threshold,
                            mask_threshold=mask_threshold, nms_iou=nms_iou, save=tuple(s for s in save.split(",") if s),
                            resume=resume, progress=not no_progress)
-    click.echo(f"{engine.describe()}; bundle {bundle}", err=True)
+    click.echo(f"{engine.describe()}; bundle {bundle} ({describe_semantics(loaded.manifest)})", err=True)
     try:
         summary = run(loaded, engine, input_path, out, options)
     except KeyboardInterrupt:

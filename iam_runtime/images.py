@@ -63,10 +63,18 @@ def decode_image(path: str | Path) -> np.ndarray:
         raise ImageError(f"corrupt or truncated image: {exc}") from None
 
 
+def resize_rgb(rgb: np.ndarray, size: tuple[int, int] | list[int]) -> np.ndarray:
+    """(H, W, 3) uint8 -> (h, w, 3) uint8 stretched to ``size`` with PIL's bilinear filter (the
+    reference's test-time resize: torchvision's Resize on a PIL image)."""
+    h, w = int(size[0]), int(size[1])
+    if rgb.shape[:2] == (h, w):
+        return rgb
+    return np.asarray(Image.fromarray(rgb).resize((w, h), Image.BILINEAR))
+
+
 def preprocess(rgb: np.ndarray, size: tuple[int, int] | list[int], mean, std) -> np.ndarray:
     """(H, W, 3) uint8 -> (3, h, w) float32: stretched to ``size`` (bilinear), normalised."""
-    h, w = int(size[0]), int(size[1])
-    resized = np.asarray(Image.fromarray(rgb).resize((w, h), Image.BILINEAR), dtype=np.float32) / 255.0
+    resized = resize_rgb(rgb, size).astype(np.float32) / 255.0
     normalised = (resized - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
     return np.ascontiguousarray(normalised.transpose(2, 0, 1))
 

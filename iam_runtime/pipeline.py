@@ -11,6 +11,7 @@ run leaves no file that looks complete.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -42,12 +43,20 @@ class InferOptions:
     # refine.CRFSchedule); 0: full resolution, the reference's masks.
     crf_max_side: int = 0
     crf_full_iterations: int = 1
+    # Where the CRF runs: "input" (the network's input frame, the reference's) or "image" (the
+    # photo's resolution, capped at crf_photo_max_side); default: the bundle's.
+    crf_frame: str | None = None
+    crf_photo_max_side: int = 1024
     max_peaks: int | None = None  # per image; default: the bundle's
     score_threshold: float | None = None  # class score threshold; default: the bundle's
     peak_threshold: float | None = None
-    mask_threshold: float = 0.5
-    nms_iou: float = 0.5  # same-class masks overlapping more than this: the lower score is dropped
-    peak_chunk: int = 8  # peaks per segment call (bounds memory)
+    mask_threshold: float | None = None  # without CRF; default: the bundle's
+    # same-class masks overlapping more than this: the lower score is dropped; default: the
+    # bundle's; a value > 1 keeps every instance (the reference: no NMS)
+    nms_iou: float | None = None
+    # Peaks per segment call (bounds memory) where the bundle's filling uses running statistics;
+    # with batch statistics an image's peaks go through in one call (up to max_peaks).
+    peak_chunk: int = 8
     save: tuple[str, ...] = SAVE_CHOICES
     # Refine image i while the engine runs image i+1 (None: only when the engine is on a GPU). An
     # engine on the CPU already uses every core; overlapping would stall both, so there a batch is
@@ -128,13 +137,28 @@ def collect_inputs(source: str | Path) -> tuple[Path, list[InputItem]]:
     return root, items
 
 
+def _warn_if_capped(item: InputItem, values: np.ndarray, count: int, detect_k: int, peak_threshold: float,
+                    valid: int, chosen: int) -> None:
+    """Say when a cap kept valid peaks out: the detect graph's K outputs were full with peaks
+    above the threshold (more may exist), or --max-peaks left some unsegmented."""
+    if count == detect_k and detect_k and values[detect_k - 1] > peak_threshold:
+        log.warning("%s: the detect graph's %d peak outputs are full; valid peaks beyond them are not used "
+                    "(export with a larger --max-peaks)", item.file_name, detect_k)
+    if chosen < valid:
+        log.warning("%s: %d valid peaks, the %d highest segmented (--max-peaks)", item.file_name, valid, chosen)
+
+
 def _decode(item: InputItem, size, mean, std):
     started = time.perf_counter()
     rgb = decode_image(item.path)
     return rgb, preprocess(rgb, size, mean, std), time.perf_counter() - started
 
 
-def _nms(instances: list[Instance], iou: float) -> list[Instance]:
+def _nms(instances: list[Instance], iou: float | None) -> list[Instance]:
+    """Same-class duplicates (mask IoU > ``iou``) and empty masks removed, highest score first;
+    ``iou`` None (or > 1): every instance kept, as the reference."""
+    if iou is None or iou > 1:
+        return list(instances)
     kept: list[Instance] = []
     for ins in sorted(instances, key=lambda i: -i.score):
         area = ins.mask.sum()
@@ -235,6 +259,12 @@ def run(bundle: Bundle, backend, source: str | Path, out_dir: str | Path, option
     max_peaks = options.max_peaks or m.peaks.max_peaks
     class_threshold = m.peaks.class_threshold if options.score_threshold is None else options.score_threshold
     peak_threshold = m.peaks.peak_threshold if options.peak_threshold is None else options.peak_threshold
+    mask_threshold = m.filling.mask_threshold if options.mask_threshold is None else options.mask_threshold
+    nms_iou = m.peaks.nms_iou if options.nms_iou is None else options.nms_iou
+    crf = m.crf if options.crf_frame is None else dataclasses.replace(m.crf, frame=options.crf_frame)
+    # With batch statistics the filling network normalises an image's peaks together, as the
+    # reference does: they must go through in one call.
+    peak_chunk = max_peaks if m.filling.normalization == "batch" else options.peak_chunk
     crm_size = (m.input.size[0] // m.peaks.stride, m.input.size[1] // m.peaks.stride)
     todo = []
     for it in items:
@@ -250,7 +280,7 @@ def run(bundle: Bundle, backend, source: str | Path, out_dir: str | Path, option
     in_flight: deque[tuple[InputItem, Future]] = deque()
     submit = pool.submit if pool is not None else _run_inline
     overlap = options.overlap_refine if options.overlap_refine is not None else backend.device == "gpu"
-    schedule = CRFSchedule(options.crf_max_side, options.crf_full_iterations)
+    schedule = CRFSchedule(options.crf_max_side, options.crf_full_iterations, options.crf_photo_max_side)
     bar = tqdm(total=len(todo), desc="images", unit="img", disable=not options.progress)
 
     entered: dict[str, float] = {}  # stem -> when its batch entered the engine
@@ -326,14 +356,17 @@ def run(bundle: Bundle, backend, source: str | Path, out_dir: str | Path, option
             summary.stage_seconds["detect"] += time.perf_counter() - t0
             whole_images = []  # (item, refine arguments), refined together after the batch's segment calls
             for i, (it, rgb, tensor) in enumerate(batch):
-                chosen = select_peaks(det["class_scores"][i], det["peak_coords"][i], det["peak_values"][i],
-                                      int(det["peak_counts"][i]), class_threshold, peak_threshold, max_peaks)
+                valid = select_peaks(det["class_scores"][i], det["peak_coords"][i], det["peak_values"][i],
+                                     int(det["peak_counts"][i]), class_threshold, peak_threshold, m.peaks.max_peaks)
+                chosen = valid[:max_peaks]
+                _warn_if_capped(it, det["peak_values"][i], int(det["peak_counts"][i]), m.peaks.max_peaks, peak_threshold,
+                                len(valid), len(chosen))
                 coords = det["peak_coords"][i][chosen]
                 maps = np.zeros((0, *m.input.size), dtype=np.float32)
                 if len(chosen):
                     t0 = time.perf_counter()
-                    parts = [backend.segment(tensor[None], np.ascontiguousarray(coords[s : s + options.peak_chunk]))["iam"]
-                             for s in range(0, len(coords), options.peak_chunk)]
+                    parts = [backend.segment(tensor[None], np.ascontiguousarray(coords[s : s + peak_chunk]))["iam"]
+                             for s in range(0, len(coords), peak_chunk)]
                     summary.stage_seconds["segment"] += time.perf_counter() - t0
                     maps = np.concatenate(parts).astype(np.float32)
                 yx = peak_input_coordinates(coords, crm_size, m.peaks.upsample_factor, m.peaks.stride)
@@ -341,7 +374,7 @@ def run(bundle: Bundle, backend, source: str | Path, out_dir: str | Path, option
                 meta = [(int(c[0]), float(det["peak_values"][i][j]), float(det["class_scores"][i][c[0]]),
                          tuple(int(v) for v in np.clip(p * scale, 0, np.array(rgb.shape[:2]) - 1)))
                         for j, c, p in zip(chosen, coords, yx)]
-                args = (rgb, maps, meta, options.refine, m.crf, options.mask_threshold, options.nms_iou, str(out_dir),
+                args = (rgb, maps, meta, options.refine, crf, mask_threshold, nms_iou, str(out_dir),
                         it.stem, it.image_id, it.file_name, list(m.classes), save, schedule)
                 if overlap or pool is None or options.refine != "crf":
                     in_flight.append((it, submit(refine_and_write, *args)))

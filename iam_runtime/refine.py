@@ -1,6 +1,16 @@
 """From instance activation maps to masks (SPEC section 4): a 2-label dense CRF per instance
-over the original image (unary -log([1 - p, p]), Gaussian and bilateral pairwise terms), or a
-plain threshold. Pure numpy + pydensecrf: runs in worker processes."""
+(unary -log([1 - p, p]), Gaussian and bilateral pairwise terms), or a plain threshold. Pure
+numpy + pydensecrf: runs in worker processes.
+
+Where the CRF runs (``CRFSpec.frame``):
+
+* ``"input"`` (the default, and the reference's frame): on the image resized to the network's
+  input size (the activation maps' own size, e.g. 448x448), with the kernel widths in pixels of
+  that frame. Its cost does not grow with the photo. The masks are brought to the photo's size
+  from the refined probabilities (bilinear, then 0.5), so they are the reference's masks scaled.
+* ``"image"``: at the photo's resolution (kernel widths in photo pixels), the photo first
+  reduced to ``CRFSchedule.photo_max_side`` when it is larger (kernel widths scaled alike).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from .bundle import CRFSpec
+from .bundle import CRF_FRAMES, CRFSpec
+from .images import resize_rgb
 
 
 def resize_map(prob: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -31,9 +42,10 @@ class CRFSchedule:
 
     max_side: int = 0
     full_iterations: int = 1
+    photo_max_side: int = 1024  # frame "image": larger photos are refined at this longer side
 
     def __post_init__(self):
-        if self.max_side < 0 or self.full_iterations < 0:
+        if self.max_side < 0 or self.full_iterations < 0 or self.photo_max_side < 0:
             raise ValueError(f"CRF max side and full-resolution iterations must be >= 0, not {self}")
 
 
@@ -43,20 +55,21 @@ class ImageCRF:
     resolution), and each instance then costs its unary and the mean-field iterations (at full
     resolution: the same masks as a CRF built per instance, bit for bit; on a 500x375 photo
     0.10 s of 0.28 s per instance is the build). See :class:`CRFSchedule` for reduced
-    resolution."""
+    resolution; ``kernel_scale`` scales the spatial kernel widths (an image reduced from the
+    frame the widths are given in)."""
 
-    def __init__(self, rgb: np.ndarray, crf: CRFSpec, schedule: CRFSchedule | None = None):
+    def __init__(self, rgb: np.ndarray, crf: CRFSpec, schedule: CRFSchedule | None = None,
+                 kernel_scale: float = 1.0):
         schedule = schedule or CRFSchedule()
         self.full = rgb.shape[:2]
         self.iterations = crf.iterations
         scale = min(1.0, schedule.max_side / max(self.full)) if schedule.max_side else 1.0
         self.fine_iterations = crf.iterations if scale == 1.0 else min(schedule.full_iterations, crf.iterations)
-        self.fine = self._model(rgb, crf, 1.0) if self.fine_iterations else None
+        self.fine = self._model(rgb, crf, kernel_scale) if self.fine_iterations else None
         self.coarse = None
         if self.fine_iterations < crf.iterations:
             small = (max(1, round(self.full[0] * scale)), max(1, round(self.full[1] * scale)))
-            self.coarse = self._model(np.asarray(Image.fromarray(rgb).resize((small[1], small[0]), Image.BILINEAR)),
-                                      crf, scale)
+            self.coarse = self._model(resize_rgb(rgb, small), crf, scale * kernel_scale)
             self.small = small
 
     @staticmethod
@@ -72,20 +85,27 @@ class ImageCRF:
 
     @staticmethod
     def _unary(prob: np.ndarray) -> np.ndarray:
-        p = np.clip(prob, 1e-5, 1 - 1e-5).astype(np.float32)
-        return np.ascontiguousarray(-np.log(np.stack([1 - p, p]).reshape(2, -1)), dtype=np.float32)
+        """The reference's unary: -log([1 - p, p]) in float32, exact zeros replaced by 1e-10. p is
+        first clipped to [0, 1]: an engine's sigmoid can return 1.0000001 (onnxruntime's does),
+        whose 1 - p < 0 has no logarithm."""
+        p = np.clip(prob, 0.0, 1.0, dtype=np.float32).reshape(1, -1)
+        probs = np.concatenate([1 - p, p])
+        probs[probs == 0] = 1e-10
+        return np.ascontiguousarray(-np.log(probs), dtype=np.float32)
 
-    def mask(self, prob: np.ndarray) -> np.ndarray:
-        """prob: (H, W) foreground probability at the image's resolution -> (H, W) bool mask."""
+    def margin(self, prob: np.ndarray) -> np.ndarray:
+        """prob: (H, W) foreground probability at this CRF's resolution -> (H, W) float32
+        q(foreground) - q(background) of the refined marginals: the mask is margin > 0 (the
+        reference's argmax, ties to background)."""
         if self.coarse is None:
             self.fine.setUnaryEnergy(self._unary(prob))
             q = np.asarray(self.fine.inference(self.iterations)).reshape(2, *self.full)
-            return q[1] > q[0]
+            return q[1] - q[0]
         self.coarse.setUnaryEnergy(self._unary(resize_map(prob, self.small)))
         q = np.asarray(self.coarse.inference(self.iterations - self.fine_iterations)).reshape(2, *self.small)
         q = np.stack([resize_map(q[0], self.full), resize_map(q[1], self.full)])
         if self.fine is None:
-            return q[1] > q[0]
+            return q[1] - q[0]
         from pydensecrf import eigen
 
         self.fine.setUnaryEnergy(self._unary(prob))
@@ -94,24 +114,54 @@ class ImageCRF:
         for _ in range(self.fine_iterations):
             self.fine.stepInference(marginals, scratch1, scratch2)
         q = np.asarray(marginals).reshape(2, *self.full)
-        return q[1] > q[0]
+        return q[1] - q[0]
+
+    def mask(self, prob: np.ndarray) -> np.ndarray:
+        """prob: (H, W) foreground probability at this CRF's resolution -> (H, W) bool mask."""
+        return self.margin(prob) > 0
 
 
 def dense_crf(rgb: np.ndarray, prob: np.ndarray, crf: CRFSpec, schedule: CRFSchedule | None = None) -> np.ndarray:
     """rgb: (H, W, 3) uint8; prob: (H, W) foreground probability -> (H, W) bool mask: one
-    instance's CRF, built for it alone (as the reference does); see :class:`ImageCRF`."""
+    instance's CRF at the image's resolution, built for it alone (as the reference does); see
+    :class:`ImageCRF`."""
     return ImageCRF(rgb, crf, schedule).mask(prob)
+
+
+def crf_frame(rgb: np.ndarray, maps_size: tuple[int, int], crf: CRFSpec,
+              schedule: CRFSchedule | None = None) -> tuple[np.ndarray, float]:
+    """The image the CRF runs on, and the scale of its kernel widths: (H, W, 3) photo and the
+    activation maps' (h, w) -> (frame RGB, kernel scale). See the module docstring."""
+    if crf.frame not in CRF_FRAMES:
+        raise ValueError(f"unknown CRF frame {crf.frame!r}; choose one of {', '.join(CRF_FRAMES)}")
+    if crf.frame == "input":
+        return resize_rgb(rgb, maps_size), 1.0
+    cap = (schedule or CRFSchedule()).photo_max_side
+    longest = max(rgb.shape[:2])
+    if not cap or longest <= cap:
+        return rgb, 1.0
+    scale = cap / longest
+    size = (max(1, round(rgb.shape[0] * scale)), max(1, round(rgb.shape[1] * scale)))
+    return resize_rgb(rgb, size), scale
 
 
 def refine_instances(rgb: np.ndarray, maps: np.ndarray, method: str, crf: CRFSpec,
                      threshold: float = 0.5, schedule: CRFSchedule | None = None) -> np.ndarray:
-    """rgb: (H, W, 3); maps: (N, h, w) activation maps in [0, 1] at network resolution ->
-    (N, H, W) bool masks at the image's resolution. ``method`` "crf" runs the dense CRF; any
-    other ("threshold", "none") keeps the pixels whose map is >= ``threshold``."""
+    """rgb: (H, W, 3) photo; maps: (N, h, w) activation maps in [0, 1] at the network's input
+    resolution -> (N, H, W) bool masks at the photo's resolution. ``method`` "crf" runs the
+    dense CRF in ``crf.frame``; any other ("threshold", "none") keeps the pixels whose map,
+    resized to the photo, is >= ``threshold``."""
     size = rgb.shape[:2]
     masks = np.zeros((len(maps), *size), dtype=bool)
-    image_crf = ImageCRF(rgb, crf, schedule) if method == "crf" and len(maps) else None
+    if method != "crf":
+        for i, m in enumerate(maps):
+            masks[i] = resize_map(m, size) >= threshold
+        return masks
+    if not len(maps):
+        return masks
+    frame, kernel_scale = crf_frame(rgb, maps.shape[1:], crf, schedule)
+    image_crf = ImageCRF(frame, crf, schedule, kernel_scale)
     for i, m in enumerate(maps):
-        prob = resize_map(m, size)
-        masks[i] = image_crf.mask(prob) if image_crf is not None else prob >= threshold
+        margin = image_crf.margin(resize_map(m, frame.shape[:2]))
+        masks[i] = resize_map(margin, size) > 0
     return masks

@@ -58,6 +58,7 @@ class FillingTrainConfig:
     kernel_size: int = 3
     hidden: int = 64
     steps: int = 112
+    align_corners: bool = True  # feature pyramid upsampling (the reference's: True)
     max_peaks_per_image: int = 8
     max_proposals: int = 100
     min_area: float = 2e-5

@@ -95,7 +95,7 @@ def train_filling(config: FillingTrainConfig, out: str | Path, resume: bool = Fa
 
     torch.manual_seed(config.seed)
     model = InstanceExtentFilling(prm_model.feature_channels, config.channels, config.kernel_size,
-                                  config.hidden, config.steps).to(rt.device)
+                                  config.hidden, config.steps, config.align_corners).to(rt.device)
     if config.optimizer == "rmsprop":
         opt = torch.optim.RMSprop(model.parameters(), lr=config.lr)
     elif config.optimizer == "adam":
@@ -174,8 +174,7 @@ def train_filling(config: FillingTrainConfig, out: str | Path, resume: bool = Fa
         best = max(best, metric)
         if rt.is_main:
             save_training_state(out, "iam-filling", model, opt, sched, epoch + 1, best, config, is_best, prm_meta=meta,
-                                filling={"channels": config.channels, "kernel_size": config.kernel_size,
-                                         "hidden": config.hidden, "steps": config.steps})
+                                filling=model.architecture())
             log.epoch(row)
             tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
         summary.update(row)

@@ -1,5 +1,6 @@
-"""Dense CRF refinement: one CRF per image (its pairwise lattices built once) gives each
-instance the mask of a CRF built for it alone, bit for bit (real pydensecrf, a real photo)."""
+"""Dense CRF refinement (real pydensecrf, a real photo): one CRF per image (its pairwise
+lattices built once) gives each instance the mask of a CRF built for it alone, bit for bit; the
+CRF frame (the reference's: the network's input size) and the reference's unary."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import pytest
 from PIL import Image
 
 from iam_runtime.bundle import CRFSpec
-from iam_runtime.refine import CRFSchedule, dense_crf, refine_instances, resize_map
+from iam_runtime.images import resize_rgb
+from iam_runtime.refine import CRFSchedule, ImageCRF, crf_frame, dense_crf, refine_instances, resize_map
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +28,7 @@ def photo_and_maps():
 @pytest.mark.parametrize("max_side", [0, 120])
 def test_one_crf_per_image_equals_one_per_instance(photo_and_maps, max_side):
     rgb, maps = photo_and_maps
-    crf = CRFSpec()
+    crf = CRFSpec(frame="image")
     together = refine_instances(rgb, maps, "crf", crf, schedule=CRFSchedule(max_side))
     alone = np.stack([dense_crf(rgb, resize_map(m, rgb.shape[:2]), crf, CRFSchedule(max_side)) for m in maps])
     assert together.shape == (4, 150, 200) and together.dtype == bool
@@ -51,7 +53,7 @@ def test_coarse_to_fine_crf_stays_close_to_full_resolution(photo_and_maps):
     """Reduced resolution for all but the last iteration: masks near the full-resolution CRF's
     (the reference's), nearer than a CRF at reduced resolution throughout."""
     rgb, maps = photo_and_maps
-    crf = CRFSpec()
+    crf = CRFSpec(frame="image")
     full = refine_instances(rgb, maps, "crf", crf)
     coarse_to_fine = refine_instances(rgb, maps, "crf", crf, schedule=CRFSchedule(max_side=100))
     coarse_only = refine_instances(rgb, maps, "crf", crf, schedule=CRFSchedule(max_side=100, full_iterations=0))
@@ -65,3 +67,44 @@ def test_coarse_to_fine_crf_stays_close_to_full_resolution(photo_and_maps):
 def test_crf_schedule_rejects_negative_values():
     with pytest.raises(ValueError, match="must be >= 0"):
         CRFSchedule(max_side=-1)
+
+
+def test_crf_in_the_input_frame_is_the_reference_crf_brought_to_the_photo(photo_and_maps):
+    """Frame "input": the CRF runs on the photo resized to the maps' size (the reference's 448
+    frame) with the maps as they are; the photo-size masks are its refined probabilities resized."""
+    rgb, maps = photo_and_maps
+    maps = np.stack([resize_map(m, (112, 112)) for m in maps])  # the network's input size
+    crf = CRFSpec()
+    assert crf.frame == "input"
+    frame, scale = crf_frame(rgb, maps.shape[1:], crf)
+    assert frame.shape == (112, 112, 3) and scale == 1.0
+    np.testing.assert_array_equal(frame, resize_rgb(rgb, (112, 112)))
+    in_frame = np.stack([dense_crf(frame, m, crf) for m in maps])  # the reference's computation
+    # a photo of the frame's size: exactly the reference's masks
+    np.testing.assert_array_equal(refine_instances(frame, maps, "crf", crf), in_frame)
+    # any other photo size: the frame's masks scaled, and the frame does not grow with the photo
+    masks = refine_instances(rgb, maps, "crf", crf)
+    assert masks.shape == (4, 150, 200)
+    for mask, ref in zip(masks, in_frame):
+        scaled = np.asarray(Image.fromarray(ref).resize((200, 150), Image.NEAREST))
+        assert _iou(mask, scaled) > 0.9
+    big = np.asarray(Image.fromarray(rgb).resize((2000, 1500)))
+    assert crf_frame(big, maps.shape[1:], crf)[0].shape == (112, 112, 3)
+
+
+def test_photo_frame_is_capped_with_kernel_widths_scaled():
+    big = np.zeros((1500, 3000, 3), np.uint8)
+    frame, scale = crf_frame(big, (112, 112), CRFSpec(frame="image"), CRFSchedule(photo_max_side=1024))
+    assert frame.shape == (512, 1024, 3) and scale == 1024 / 3000
+    frame, scale = crf_frame(big, (112, 112), CRFSpec(frame="image"), CRFSchedule(photo_max_side=0))
+    assert frame.shape == big.shape and scale == 1.0
+
+
+def test_unary_is_the_reference_one():
+    """-log([1 - p, p]) with exact zeros replaced by 1e-10 (not clipped), and p above 1 from an
+    engine's rounding clipped to 1 rather than turned into NaN."""
+    p = np.array([[0.0, 0.25, 1.0, 1.0000001]], np.float32)
+    unary = ImageCRF._unary(p)
+    expected = -np.log(np.array([[1.0, 0.75, 1e-10, 1e-10], [1e-10, 0.25, 1.0, 1.0]], np.float32))
+    np.testing.assert_allclose(unary, expected, rtol=1e-6)
+    assert np.isfinite(unary).all()

@@ -56,7 +56,7 @@ def test_filling_maps_overlap_instances(prm_run, filling_run, synthetic):
     ckpt = load_checkpoint(out / "best.pt", "iam-filling")
     model, meta = load_prm(prm_run)
     f = ckpt["filling"]
-    filling = InstanceExtentFilling(model.feature_channels, f["channels"], f["kernel_size"], f["hidden"], f["steps"])
+    filling = InstanceExtentFilling.from_architecture(model.feature_channels, f)
     filling.load_state_dict(ckpt["model"])
     quality = instance_quality(PeakTeacher(model, meta), filling, FillingDataset(synthetic, "val", 224), 2)
     print(f"\ninstance activation maps: mean IoU {quality.mean_iou:.3f} over {quality.peaks} peaks "

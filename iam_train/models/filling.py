@@ -6,8 +6,16 @@ map is encoded to D channels on that grid, propagated T times by ``iam::propagat
 and decoded to one instance activation map in [0, 1] at the input resolution.
 
 Module and parameter names follow the reference implementation, so its released
-``model_filling_latest.pth.tar`` loads directly (see ``reference_checkpoint``). BatchNorm uses
-running statistics at inference (the reference kept batch statistics; we do not).
+``model_filling_latest.pth.tar`` loads directly (see ``reference_checkpoint``). Two properties of
+a checkpoint decide what its network computes at inference, and travel with it:
+
+* ``align_corners`` of the feature pyramid's bilinear upsampling (the reference: True; our
+  checkpoints trained before this was recorded: False);
+* ``normalization``: ``"running"`` (BatchNorm on running statistics, as our training
+  recalibrates them) or ``"batch"`` (the reference's inference: every BatchNorm normalises with
+  the statistics of what it is processing; the kernel branch with the image's features, the
+  encoder and decoder with all of the image's peaks together, so each peak's map depends on the
+  other peaks of its image).
 """
 
 from __future__ import annotations
@@ -87,15 +95,74 @@ def normalise_kernels(raw: Tensor, channels: int) -> Tensor:
     return (grouped / total).view(b, -1, h, w)
 
 
-def _conv_bn(cin: int, cout: int, k: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2), nn.BatchNorm2d(cout))
+NORMALIZATIONS = ("running", "batch")
+
+
+class BatchNorm2d(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` (same parameters and buffers) whose inference can use the statistics of
+    the batch at hand: ``batch_statistics`` True in eval mode computes what torch's train-mode
+    BatchNorm with momentum 0 computes (biased variance; running statistics neither used nor
+    updated), in plain ops that export to ONNX. Training is torch's BatchNorm unchanged.
+
+    The statistics are exact means, taken so that an engine that sums in float32 one element
+    after the other (onnxruntime's ReduceMean) stays accurate: of the input shifted by one of
+    its own values per channel (values far from zero keep their spread), and one axis at a time
+    (sums of a few hundred values, not of P x H x W: measured on the encoder at 448 px, relative
+    error 6e-5 reduced over all axes at once, against 1e-6 in PyTorch)."""
+
+    batch_statistics: bool = False
+
+    @staticmethod
+    def _mean(x: Tensor) -> Tensor:
+        return x.mean(dim=3, keepdim=True).mean(dim=2, keepdim=True).mean(dim=0, keepdim=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training or not self.batch_statistics:
+            return super().forward(x)
+        shifted = x - x[:1, :, :1, :1]
+        centred = shifted - self._mean(shifted)
+        var = self._mean(centred.square())
+        scale = self.weight[None, :, None, None] * torch.rsqrt(var + self.eps)
+        return centred * scale + self.bias[None, :, None, None]
+
+
+class ConvNorm(nn.Sequential):
+    """conv (or transposed conv) -> :class:`BatchNorm2d` -> any further layers (activation,
+    pooling); parameter names as a plain ``nn.Sequential``.
+
+    With batch statistics the conv's bias is left out: the normalisation removes any per-channel
+    constant exactly, and adding it first costs float32 digits of the signal. The encoder's first
+    conv sees peak response maps, which sum to 1, so its bias is some 1e5 times the signal there:
+    with the bias added, onnxruntime's maps and PyTorch's differed by 5e-3 at 448 px, each
+    1e-3 or more from float64."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        conv, norm, *rest = self
+        if norm.batch_statistics and not norm.training and conv.bias is not None:
+            if isinstance(conv, nn.ConvTranspose2d):
+                x = F.conv_transpose2d(x, conv.weight, None, conv.stride, conv.padding, conv.output_padding,
+                                       conv.groups, conv.dilation)
+            else:
+                x = conv._conv_forward(x, conv.weight, None)
+        else:
+            x = conv(x)
+        x = norm(x)
+        for layer in rest:
+            x = layer(x)
+        return x
+
+
+def _conv_bn(cin: int, cout: int, k: int) -> ConvNorm:
+    return ConvNorm(nn.Conv2d(cin, cout, k, padding=k // 2), BatchNorm2d(cout))
 
 
 class FeaturePyramid(nn.Module):
     """(c2, c3, c4) -> (B, D*k*k, H/4, W/4) non-negative raw affinity weights."""
 
-    def __init__(self, in_channels: tuple[int, int, int], out_channels: int, width: int = 256):
+    def __init__(self, in_channels: tuple[int, int, int], out_channels: int, width: int = 256,
+                 align_corners: bool = True):
         super().__init__()
+        self.align_corners = align_corners
         c2, c3, c4 = in_channels
         self.toplayer = nn.Conv2d(c4, width, 1)
         self.latlayer3 = _conv_bn(c3, width, 1)
@@ -103,9 +170,8 @@ class FeaturePyramid(nn.Module):
         self.smooth3 = _conv_bn(width, width, 3)
         self.smooth2 = _conv_bn(width, out_channels, 3)
 
-    @staticmethod
-    def _upsample_add(top: Tensor, lateral: Tensor) -> Tensor:
-        return F.interpolate(top, size=lateral.shape[-2:], mode="bilinear", align_corners=False) + lateral
+    def _upsample_add(self, top: Tensor, lateral: Tensor) -> Tensor:
+        return F.interpolate(top, size=lateral.shape[-2:], mode="bilinear", align_corners=self.align_corners) + lateral
 
     def forward(self, c2: Tensor, c3: Tensor, c4: Tensor) -> Tensor:
         p3 = self.smooth3(self._upsample_add(self.toplayer(c4), self.latlayer3(c3)))
@@ -113,8 +179,8 @@ class FeaturePyramid(nn.Module):
         return F.relu(p2)
 
 
-def _conv_bn_relu_pool(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(), nn.MaxPool2d(2))
+def _conv_bn_relu_pool(cin: int, cout: int) -> ConvNorm:
+    return ConvNorm(nn.Conv2d(cin, cout, 3, padding=1), BatchNorm2d(cout), nn.ReLU(), nn.MaxPool2d(2))
 
 
 class PRMEncoder(nn.Module):
@@ -129,8 +195,8 @@ class PRMEncoder(nn.Module):
         return self.encode2(self.encode1(prm))
 
 
-def _deconv_bn(cin: int, cout: int, act: nn.Module) -> nn.Sequential:
-    return nn.Sequential(nn.ConvTranspose2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), act)
+def _deconv_bn(cin: int, cout: int, act: nn.Module) -> ConvNorm:
+    return ConvNorm(nn.ConvTranspose2d(cin, cout, 3, padding=1), BatchNorm2d(cout), act)
 
 
 class IAMDecoder(nn.Module):
@@ -149,7 +215,9 @@ class IAMDecoder(nn.Module):
 
 
 class InstanceExtentFilling(nn.Module):
-    """The filling network. Reference defaults: D = 16, k = 3, hidden 64, T = 112."""
+    """The filling network. Reference defaults: D = 16, k = 3, hidden 64, T = 112, pyramid
+    upsampling with align_corners=True; ``normalization`` as in the module docstring (the
+    reference's inference: "batch")."""
 
     def __init__(
         self,
@@ -158,12 +226,46 @@ class InstanceExtentFilling(nn.Module):
         kernel_size: int = 3,
         hidden: int = 64,
         steps: int = 112,
+        align_corners: bool = True,
+        normalization: str = "running",
     ):
         super().__init__()
         self.channels, self.kernel_size, self.steps = channels, kernel_size, steps
         self.encode = PRMEncoder(channels, hidden)
-        self.feature_pyramid = FeaturePyramid(feature_channels, channels * kernel_size**2)
+        self.feature_pyramid = FeaturePyramid(feature_channels, channels * kernel_size**2, align_corners=align_corners)
         self.decode = IAMDecoder(channels, hidden)
+        self.normalization = normalization
+
+    @property
+    def align_corners(self) -> bool:
+        return self.feature_pyramid.align_corners
+
+    def architecture(self) -> dict:
+        """What a checkpoint records to rebuild this network (see :meth:`from_architecture`)."""
+        return {"channels": self.channels, "kernel_size": self.kernel_size, "hidden": self.decode.decode2[0].out_channels,
+                "steps": self.steps, "align_corners": self.align_corners, "normalization": self.normalization}
+
+    @classmethod
+    def from_architecture(cls, feature_channels: tuple[int, int, int], arch: dict, **overrides) -> InstanceExtentFilling:
+        """Rebuild from :meth:`architecture`'s record. Records written before align_corners and
+        normalization were kept are of networks with align_corners=False and running statistics."""
+        values = {"align_corners": False, "normalization": "running", **arch,
+                  **{k: v for k, v in overrides.items() if v is not None}}
+        return cls(feature_channels, values["channels"], values["kernel_size"], values["hidden"], values["steps"],
+                   values["align_corners"], values["normalization"])
+
+    @property
+    def normalization(self) -> str:
+        return self._normalization
+
+    @normalization.setter
+    def normalization(self, mode: str) -> None:
+        if mode not in NORMALIZATIONS:
+            raise ValueError(f"unknown filling normalization {mode!r}; choose one of {NORMALIZATIONS}")
+        self._normalization = mode
+        for m in self.modules():
+            if isinstance(m, BatchNorm2d):
+                m.batch_statistics = mode == "batch"
 
     def affinity_kernels(self, c2: Tensor, c3: Tensor, c4: Tensor) -> Tensor:
         """Backbone features of B images -> (B, D*k*k, H/4, W/4) normalised kernels."""
@@ -171,7 +273,9 @@ class InstanceExtentFilling(nn.Module):
 
     def forward(self, prm: Tensor, kernels: Tensor) -> Tensor:
         """prm: (P, H, W) peak response maps; kernels: (P or 1, D*k*k, H/4, W/4), the kernels
-        of each peak's image. Returns (P, H, W) instance activation maps."""
+        of each peak's image. Returns (P, H, W) instance activation maps. With batch
+        normalization at inference, the P peaks are normalised together: pass all the peaks of
+        one image, and only those."""
         x = self.encode(prm.unsqueeze(1))
         x = propagate_affinity(x, kernels, self.steps)
         return self.decode(x).squeeze(1)

@@ -4,12 +4,17 @@
 epoch, state_dict, error. The PRM state dict wraps a ResNet-50 FCN so that every key starts with
 ``0.``: ``res_block1`` = stem (conv1 at .0, bn1 at .1), ``res_block2..5`` = layer1..layer4 and
 ``classifier.0`` = the 1x1 conv. The filling state dict already uses our module names.
+
+The loaded models compute what the reference's inference computes with those weights (SPEC.md
+section 7, docs/reference.md): the filling network upsamples its pyramid with
+align_corners=True and normalises with batch statistics at inference.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -88,9 +93,10 @@ def load_reference_prm(source: str | Path | Mapping[str, object], arch: str = "r
 
 
 def load_reference_filling(
-    source: str | Path | Mapping[str, object], steps: int = 112
+    source: str | Path | Mapping[str, object], steps: int = 112, normalization: str = "batch"
 ) -> InstanceExtentFilling:
-    """Build an :class:`InstanceExtentFilling` from a reference filling checkpoint."""
+    """Build an :class:`InstanceExtentFilling` from a reference filling checkpoint, with the
+    reference's inference semantics (``normalization="running"`` departs from them)."""
     state = _state_dict(source)
     try:
         hidden = state["encode.encode1.0.weight"].shape[0]
@@ -104,6 +110,65 @@ def load_reference_filling(
     except KeyError as exc:
         raise CheckpointError(f"not a reference filling checkpoint: missing key {exc.args[0]!r}") from None
     kernel_size = int(round((pyramid_out / channels) ** 0.5))
-    model = InstanceExtentFilling(feature_channels, channels, kernel_size, hidden, steps)
+    model = InstanceExtentFilling(feature_channels, channels, kernel_size, hidden, steps, align_corners=True,
+                                  normalization=normalization)
     _load_strict(model, state, "filling")
     return model.eval()
+
+
+@dataclass(frozen=True)
+class ReferenceSettings:
+    """The settings of the reference's ``config.yml`` that change what its inference computes,
+    with its defaults (SPEC.md section 7). ``filter_type`` is "median", "mean", "max" or a
+    number (a constant peak threshold)."""
+
+    image_size: int = 448
+    iterate_num: int = 112
+    win_size: int = 3
+    sub_pixel_locating_factor: int = 8
+    filter_type: str | float = "median"
+
+    @property
+    def threshold(self) -> tuple[str, float]:
+        """(threshold_mode, threshold_value) for :func:`iam_train.models.find_peaks`."""
+        if isinstance(self.filter_type, (int, float)):
+            return "constant", float(self.filter_type)
+        return self.filter_type, 0.0
+
+
+def read_reference_config(path: str | Path) -> ReferenceSettings:
+    """Read the reference's ``config.yml``: ``image_size``, ``iterate_num`` and, under ``model``,
+    ``win_size``, ``sub_pixel_locating_factor`` and ``filter_type``; absent keys keep the
+    reference's defaults, and other keys (training settings) are ignored."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"reference config not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise CheckpointError(f"{path} is not valid YAML: {exc}") from exc
+    model = data.get("model") or {} if isinstance(data, dict) else None
+    if not isinstance(model, dict):
+        raise CheckpointError(f"{path}: expected the reference's config.yml (a mapping with a 'model' section)")
+    size = data.get("image_size", ReferenceSettings.image_size)
+    if isinstance(size, (list, tuple)):  # [h, w]: the graphs take square inputs
+        if len(set(size)) != 1:
+            raise CheckpointError(f"{path}: image_size {size} is not square")
+        size = size[0]
+    values = {"image_size": size, "iterate_num": data.get("iterate_num", ReferenceSettings.iterate_num)}
+    for key in ("win_size", "sub_pixel_locating_factor", "filter_type"):
+        if key in model:
+            values[key] = model[key]
+    settings = ReferenceSettings(**values)
+    for key in ("image_size", "iterate_num", "win_size", "sub_pixel_locating_factor"):
+        value = getattr(settings, key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise CheckpointError(f"{path}: {key} must be a positive integer, not {value!r}")
+    if settings.win_size % 2 == 0:
+        raise CheckpointError(f"{path}: model.win_size must be odd, not {settings.win_size}")
+    mode, _ = settings.threshold
+    if mode not in ("median", "mean", "max", "constant"):
+        raise CheckpointError(f"{path}: model.filter_type {settings.filter_type!r} is not median, mean, max or a number")
+    return settings
