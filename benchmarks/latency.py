@@ -273,7 +273,7 @@ def main(backbone, image_size, num_peaks, batch_sizes, num_images, reference_ima
     save_checkpoint(ckpt / "prm.pt", "iam-prm", {"model": model.state_dict(), "epoch": 0, **meta})
     save_checkpoint(ckpt / "filling.pt", "iam-filling", {
         "model": filling.state_dict(), "epoch": 0, "prm_meta": meta,
-        "filling": {"channels": 16, "kernel_size": 3, "hidden": hidden, "steps": steps}})
+        "filling": filling.architecture()})
     bundle_dir = out / "bundle"
     from iam_export.export_onnx import ExportOptions, export_bundle
 
@@ -389,8 +389,11 @@ def main(backbone, image_size, num_peaks, batch_sizes, num_images, reference_ima
         for suffix, refine, max_side, bs in [(*v[:3], b) for v in variants for b in v[3]]:
             key = f"{name}-b{bs}{suffix}"
             run_dir = out / "runs" / key
+            # The CRF at the photo's resolution, as this benchmark's reference path runs it (moving both
+            # to the reference's 448 frame, now iam-infer's default, is issue 17's).
             options = dict(batch_size=bs, max_peaks=num_peaks, score_threshold=float("-inf"), refine=refine,
-                           peak_threshold=float("-inf"), nms_iou=1.01, crf_workers=crf_workers, crf_max_side=max_side)
+                           peak_threshold=float("-inf"), nms_iou=1.01, crf_workers=crf_workers, crf_max_side=max_side,
+                           crf_frame="image", crf_photo_max_side=0)
             results["paths"][key] = _runtime_path(out, key, dict(
                 **engine, images=str(out / "images"), warmup_image=str(photos[0]), out=str(run_dir), options=options))
             if refine == "crf" and "failed" not in results["paths"][key]:

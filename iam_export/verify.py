@@ -106,8 +106,10 @@ def compare_detect(graph: str, maps: np.ndarray, thresholds: np.ndarray, win_siz
       threshold, of a window neighbour, or of the K-th value when the K outputs are full),
       invalid padding, or values out of order; max_abs is their count, max_rel their fraction;
     * peak_values: at the peaks both sides found, |onnx - torch| / scale;
-    * class_scores: the distance of each ONNX score outside the range of means over the
-      certain peaks plus any subset of the marginal ones, / scale; max_abs is |onnx - torch|;
+    * class_scores: the distance of each ONNX score from the mean of PyTorch's map over the
+      ONNX's own (checked) peaks, beyond tau, / scale; when the K outputs are full, from the
+      range of means over the certain peaks plus any subset of the marginal ones; max_abs is
+      |onnx - torch|;
     * peak_counts: the number of valid rows must equal the count; max_abs is |onnx - torch|.
     """
     tol = TOLERANCE[precision]
@@ -144,9 +146,10 @@ def compare_detect(graph: str, maps: np.ndarray, thresholds: np.ndarray, win_siz
             if (cls, y, x) not in got and certain[i, cls, y, x] and not v <= cut + tau[i, cls, 0, 0]:
                 unexplained += 1
         for cls in range(c):
-            sure = maps[i, cls][certain[i, cls]]
-            optional = maps[i, cls][possible[i, cls] & ~certain[i, cls]]
-            lo, hi = _mean_range(sure, optional)
+            if n_o < k:  # every ONNX peak is listed (and was checked above): its score is their mean
+                lo = hi = float(np.mean([maps[i, cls, y, x] for (cc, y, x) in got if cc == cls] or [0.0]))
+            else:  # peaks past the K outputs are unknown: any choice of the marginal ones
+                lo, hi = _mean_range(maps[i, cls][certain[i, cls]], maps[i, cls][possible[i, cls] & ~certain[i, cls]])
             slack = tau[i, cls, 0, 0]
             excess = max(0.0, lo - slack - float(o_scores[i, cls]), float(o_scores[i, cls]) - hi - slack)
             score_excess = max(score_excess, excess / scale[i, cls, 0, 0])

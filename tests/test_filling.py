@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from iam_train.models.filling import InstanceExtentFilling, normalise_kernels, propagate_affinity
@@ -82,3 +83,34 @@ def test_filling_shapes_range_and_running_stats_at_inference():
     assert iam.shape == (4, 64, 64) and iam.min() >= 0 and iam.max() <= 1
     # Running statistics: an instance's map does not depend on the other peaks in the batch.
     torch.testing.assert_close(iam[:1], alone)
+
+
+def test_pyramid_upsampling_follows_align_corners():
+    """The reference's pyramid: F.interpolate(..., align_corners=True), checked against the
+    align_corners interpolation matrices (corners kept); False (our older checkpoints) differs."""
+    from iam_train.models.filling import FeaturePyramid
+    from iam_train.models.peak_backprop import interpolation_matrix
+
+    top = torch.randn(1, 3, 4, 5, dtype=torch.float64)
+    lateral = torch.zeros(1, 3, 7, 9, dtype=torch.float64)
+    pyramid = FeaturePyramid((8, 8, 8), 9, width=3, align_corners=True)
+    got = pyramid._upsample_add(top, lateral)
+    rows, cols = interpolation_matrix(7, 4, torch.float64), interpolation_matrix(9, 5, torch.float64)
+    torch.testing.assert_close(got, rows @ top @ cols.T)
+    torch.testing.assert_close(got[..., [0, -1], :][..., [0, -1]], top[..., [0, -1], :][..., [0, -1]])
+    pyramid.align_corners = False
+    assert not torch.allclose(pyramid._upsample_add(top, lateral), got)
+
+
+def test_checkpoint_architecture_round_trips_and_old_records_keep_their_semantics():
+    net = InstanceExtentFilling(feature_channels=(64, 128, 256), channels=4, hidden=8, steps=3,
+                                align_corners=True, normalization="batch")
+    arch = net.architecture()
+    again = InstanceExtentFilling.from_architecture((64, 128, 256), arch)
+    assert again.architecture() == arch
+    old = {k: arch[k] for k in ("channels", "kernel_size", "hidden", "steps")}  # written before the fields
+    legacy = InstanceExtentFilling.from_architecture((64, 128, 256), old)
+    assert (legacy.align_corners, legacy.normalization) == (False, "running")
+    assert InstanceExtentFilling.from_architecture((64, 128, 256), old, steps=7).steps == 7
+    with pytest.raises(ValueError, match="unknown filling normalization"):
+        net.normalization = "instance"

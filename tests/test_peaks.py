@@ -115,3 +115,17 @@ def test_bad_arguments_are_named():
         find_peaks(torch.randn(1, 1, 4, 4), threshold_mode="nope")
     with pytest.raises(ValueError, match="odd"):
         find_peaks(torch.randn(1, 1, 4, 4), win_size=4)
+
+
+def test_valid_peak_rules_are_the_reference_ones():
+    """Class score >= the class threshold (inclusive), peak value > the peak threshold (strict);
+    every valid peak in detect order up to the cap."""
+    from iam_runtime.peaks import select_peaks
+
+    scores = np.array([-3.0, -3.0001, 5.0], np.float32)
+    coords = np.array([[0, 1, 1], [0, 2, 2], [1, 3, 3], [2, 4, 4], [2, 5, 5], [0, 0, 0]])
+    values = np.array([40.0, 30.0, 90.0, 30.0001, 12.0, 0.0], np.float32)
+    chosen = select_peaks(scores, coords, values, 5, class_threshold=-3, peak_threshold=30, max_peaks=100)
+    assert chosen.tolist() == [0, 3]  # class 1 is below -3; values of exactly 30 and 12 are not > 30
+    assert select_peaks(scores, coords, values, 5, -3, 30, max_peaks=1).tolist() == [0]
+    assert select_peaks(scores, coords, values, 0, -3, 30, 100).tolist() == []

@@ -171,3 +171,24 @@ def test_wrong_shape_and_unreadable_file_are_clear_errors(layout, tmp_path):
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
         load_reference_prm(bad)
+
+
+def test_reference_config_is_read(tmp_path):
+    from iam_train.models import ReferenceSettings, read_reference_config
+
+    path = tmp_path / "config.yml"
+    path.write_text("class_num: 20\nimage_size: 320\niterate_num: 64\nsub_iterate_num: 16\n"
+                    "model:\n  win_size: 5\n  sub_pixel_locating_factor: 4\n  enable_peak_stimulation: true\n"
+                    "  filter_type: mean\noptimizer:\n  lr: 0.001\n")
+    s = read_reference_config(path)
+    assert (s.image_size, s.iterate_num, s.win_size, s.sub_pixel_locating_factor, s.threshold) == (
+        320, 64, 5, 4, ("mean", 0.0))
+    path.write_text("image_size: [448, 448]\nmodel:\n  filter_type: 2.5\n")
+    s = read_reference_config(path)
+    assert (s.image_size, s.iterate_num, s.threshold) == (448, ReferenceSettings.iterate_num, ("constant", 2.5))
+    path.write_text("model:\n  win_size: 4\n")
+    with pytest.raises(CheckpointError, match="win_size must be odd"):
+        read_reference_config(path)
+    path.write_text("model:\n  filter_type: mode\n")
+    with pytest.raises(CheckpointError, match="filter_type 'mode'"):
+        read_reference_config(path)
