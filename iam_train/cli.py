@@ -113,6 +113,8 @@ def prm(out, resume, config_file, no_progress, **flags) -> None:
     overrides = {k: (str(v) if isinstance(v, Path) else v) for k, v in flags.items()}
     config = _resolve(PRMTrainConfig, out, resume, config_file, overrides)
     summary = _run(train_prm, config, out, resume=resume, progress=not no_progress)
+    if summary["rank"] != 0:  # under torchrun, rank 0 reports
+        return
     click.echo(f"done: {summary.get('epoch', 0)} epochs in {out}; best {'val mAP' if config.val_split else '-loss'} "
                f"{summary['best_metric']:.4f}; checkpoints {out / 'best.pt'}, {out / 'last.pt'}")
 
@@ -134,6 +136,8 @@ def filling(out, resume, config_file, no_progress, prm_run, **flags) -> None:
     if not config.prm:
         raise click.ClickException("--prm is required (the stage-1 run directory)")
     summary = _run(train_filling, config, out, resume=resume, progress=not no_progress)
+    if summary["rank"] != 0:
+        return
     click.echo(f"done: {summary.get('epoch', 0)} epochs in {out}; checkpoints {out / 'best.pt'}, {out / 'last.pt'}")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -29,6 +30,47 @@ class Runtime:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
+
+
+def all_reduce_sum(rt: Runtime, *values: float) -> list[float]:
+    """Each value summed over the ranks (the values themselves in a single process)."""
+    if not rt.distributed:
+        return [float(v) for v in values]
+    t = torch.tensor(values, dtype=torch.float64, device=rt.device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def all_gather(rt: Runtime, obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order ([obj] in a single process)."""
+    if not rt.distributed:
+        return [obj]
+    out: list[Any] = [None] * rt.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+@torch.no_grad()
+def average_batchnorm_statistics(rt: Runtime, model: torch.nn.Module) -> None:
+    """After each rank re-estimated BatchNorm statistics on its own shard: every rank gets their
+    average, so that all ranks validate, and rank 0 saves, the same model."""
+    if not rt.distributed:
+        return
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+            for buffer in (m.running_mean, m.running_var):
+                dist.all_reduce(buffer)
+                buffer /= rt.world_size
+
+
+def epoch_losses(rt: Runtime, loss_sum: float, steps: int) -> dict[str, float]:
+    """The epoch's mean training loss over every rank's steps (``train_loss``, which chooses
+    best.pt without validation) and, under DDP, each rank's own (``train_loss_rank<r>``)."""
+    per_rank = all_gather(rt, (loss_sum, steps))
+    row = {"train_loss": sum(s for s, _ in per_rank) / max(sum(n for _, n in per_rank), 1)}
+    if rt.distributed:
+        row.update({f"train_loss_rank{r}": s / max(n, 1) for r, (s, n) in enumerate(per_rank)})
+    return row
 
 
 def setup_runtime(device: str = "auto") -> Runtime:
@@ -139,6 +181,10 @@ def open_run(out: Path, kind: str, device: str, resume: bool) -> tuple[Runtime, 
     rt = setup_runtime(device)
     if rt.is_main:
         prepare_run_dir(out, resume)
+    else:  # one voice: rank 0 reports (the warnings are the same on every rank)
+        logging.getLogger("iam_train").setLevel(logging.ERROR)
+    if rt.distributed:
+        dist.barrier()  # the run directory exists before any rank reads or writes it
     return rt, (load_checkpoint(out / "last.pt", kind) if resume else None)
 
 

@@ -21,7 +21,10 @@ from .data.datasets import FillingDataset, FillingItem, collate_skip
 from .engine import (
     EpochSampler,
     RunLog,
+    all_reduce_sum,
     autocast,
+    average_batchnorm_statistics,
+    epoch_losses,
     open_run,
     restore_training_state,
     save_training_state,
@@ -123,7 +126,7 @@ def train_filling(config: FillingTrainConfig, out: str | Path, resume: bool = Fa
             return False
         model(prm, model.affinity_kernels(feats.c2, feats.c3, feats.c4)[owners])
 
-    summary: dict = {"run": str(out), "prm": meta["path"], "skipped_images": dataset.skipped}
+    summary: dict = {"run": str(out), "prm": meta["path"], "skipped_images": dataset.skipped, "rank": rt.rank}
 
     for epoch in range(start_epoch, config.epochs):
         sampler.set_epoch(epoch)
@@ -162,13 +165,17 @@ def train_filling(config: FillingTrainConfig, out: str | Path, resume: bool = Fa
             bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{seen / (time.perf_counter() - started):.1f}")
             log.scalar("train/loss", loss.item(), epoch * len(loader) + steps)
         sched.step()
+        seconds = time.perf_counter() - started
         if config.bn_recalibration_batches:
             recalibrate_batchnorm(model, itertools.islice(loader, config.bn_recalibration_batches), bn_forward)
-        row = {"epoch": epoch + 1, "train_loss": total / max(steps, 1), "peaks": peaks_seen,
-               "images_per_s": seen * rt.world_size / (time.perf_counter() - started)}
-        if val_set is not None:
+            average_batchnorm_statistics(rt, model)
+        images, peaks_total = all_reduce_sum(rt, seen, peaks_seen)
+        row = {"epoch": epoch + 1, **epoch_losses(rt, total, steps), "peaks": int(peaks_total),
+               "images_per_s": images / seconds}
+        if val_set is not None:  # every rank the same (identical weights), keyed by dataset index
             quality = instance_quality(teacher, model, val_set, config.max_peaks_per_image, rt.device)
             row["val_mean_iou"], row["val_prm_mean_iou"] = quality.mean_iou, quality.prm_mean_iou
+            row["val_skipped"] = quality.skipped
         metric = row.get("val_mean_iou", -row["train_loss"])
         is_best = metric > best
         best = max(best, metric)

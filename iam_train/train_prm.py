@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,13 +22,19 @@ from .engine import (
     EpochSampler,
     RunLog,
     Runtime,
+    all_gather,
+    all_reduce_sum,
     autocast,
+    average_batchnorm_statistics,
+    epoch_losses,
     open_run,
     restore_training_state,
     save_training_state,
 )
 from .evaluate import average_precision
 from .models import ResNetFCN, find_peaks, peak_stimulated_scores
+
+logger = logging.getLogger(__name__)
 
 
 def class_scores(model: torch.nn.Module, images: torch.Tensor, config: PRMTrainConfig) -> torch.Tensor:
@@ -58,24 +66,42 @@ def _optimizer(model: ResNetFCN, config: PRMTrainConfig):
     return opt, sched
 
 
+@dataclass
+class ClassificationMetric:
+    mAP: float  # over classes with positives among the evaluated images; difficult (0) ignored
+    evaluated: int  # images scored
+    skipped: int  # images of the split that could not be read (left out of the metric)
+
+
 @torch.no_grad()
-def evaluate_classification(model, loader, config: PRMTrainConfig, rt: Runtime, labels: np.ndarray) -> float:
-    """Classification mAP over classes with positives; difficult (0) labels are ignored."""
+def evaluate_classification(model, loader, config: PRMTrainConfig, rt: Runtime,
+                            dataset: ClassificationDataset) -> ClassificationMetric:
+    """Classification mAP on ``dataset`` (the loader's). Scores travel with their dataset
+    indices, so an unreadable image drops out of the metric instead of shifting every later
+    image onto the wrong labels; under DDP the ranks' shards are gathered first, so every rank
+    gets the metric of the whole split."""
     model.eval()
-    scores = []
+    scores, indices = [], []
     for batch in loader:
         if batch is None:
             continue
+        images, _, index = batch
         with autocast(rt, config.amp):
-            scores.append(class_scores(model, batch[0].to(rt.device), config).float().cpu())
-    scores = torch.cat(scores).numpy()
+            scores.append(class_scores(model, images.to(rt.device), config).float().cpu())
+        indices.append(index)
+    local = (torch.cat(scores).numpy() if scores else np.zeros((0, dataset.labels.shape[1]), np.float32),
+             torch.cat(indices).numpy() if indices else np.zeros(0, np.int64))
+    gathered = all_gather(rt, local)
+    all_scores = np.concatenate([g[0] for g in gathered])
+    index, first = np.unique(np.concatenate([g[1] for g in gathered]), return_index=True)  # shards repeat to pad
+    all_scores, labels = all_scores[first], dataset.labels[index]
     aps = []
     for c in range(labels.shape[1]):
-        keep = labels[: len(scores), c] != 0
-        ap = average_precision(scores[keep, c], labels[: len(scores), c][keep] == 1)
+        keep = labels[:, c] != 0
+        ap = average_precision(all_scores[keep, c], labels[keep, c] == 1)
         if ap == ap:
             aps.append(ap)
-    return float(np.mean(aps)) if aps else float("nan")
+    return ClassificationMetric(float(np.mean(aps)) if aps else float("nan"), len(index), len(dataset) - len(index))
 
 
 def train_prm(config: PRMTrainConfig, out: str | Path, resume: bool = False, progress: bool = True) -> dict:
@@ -88,11 +114,11 @@ def train_prm(config: PRMTrainConfig, out: str | Path, resume: bool = False, pro
     sampler = EpochSampler(len(train_set), config.seed, True, rt.rank, rt.world_size)
     loader = DataLoader(train_set, config.batch_size, sampler=sampler, num_workers=config.workers,
                         collate_fn=collate_skip, drop_last=False, persistent_workers=False)
-    val_loader = val_labels = None
+    val_loader = val_set = None
     if config.val_split:
         val_set = ClassificationDataset(config.data, config.val_split, config.image_size, 0.0, config.seed)
-        val_loader = DataLoader(val_set, config.batch_size, shuffle=False, num_workers=config.workers, collate_fn=collate_skip)
-        val_labels = val_set.labels
+        val_loader = DataLoader(val_set, config.batch_size, num_workers=config.workers, collate_fn=collate_skip,
+                                sampler=EpochSampler(len(val_set), config.seed, False, rt.rank, rt.world_size))
 
     model = build_model(config, len(classes)).to(rt.device)
     opt, sched = _optimizer(model, config)
@@ -107,7 +133,7 @@ def train_prm(config: PRMTrainConfig, out: str | Path, resume: bool = False, pro
     net = DistributedDataParallel(model) if rt.distributed else model
     log = RunLog(out, rt.is_main)
 
-    summary: dict = {"run": str(out), "classes": list(classes), "skipped_images": train_set.skipped}
+    summary: dict = {"run": str(out), "classes": list(classes), "skipped_images": train_set.skipped, "rank": rt.rank}
     for epoch in range(start_epoch, config.epochs):
         sampler.set_epoch(epoch)
         train_set.set_epoch(epoch)
@@ -117,7 +143,7 @@ def train_prm(config: PRMTrainConfig, out: str | Path, resume: bool = False, pro
         for batch in bar:
             if batch is None:
                 continue
-            images, targets = (t.to(rt.device, non_blocking=True) for t in batch)
+            images, targets = (t.to(rt.device, non_blocking=True) for t in batch[:2])
             with autocast(rt, config.amp):
                 scores = class_scores(net, images, config)
             loss = F.multilabel_soft_margin_loss(scores.float(), targets)
@@ -125,20 +151,26 @@ def train_prm(config: PRMTrainConfig, out: str | Path, resume: bool = False, pro
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
-            seen += len(images) * rt.world_size
+            seen += len(images)
             total_loss += loss.item()
             steps += 1
             rate = seen / (time.perf_counter() - started)
             bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{rate:.1f}")
             log.scalar("train/loss", loss.item(), epoch * len(loader) + steps)
         sched.step()
+        seconds = time.perf_counter() - started
         if config.bn_recalibration_batches:
             recalibrate_batchnorm(model, itertools.islice(loader, config.bn_recalibration_batches),
                                   lambda batch: model(batch[0].to(rt.device)))
-        row = {"epoch": epoch + 1, "train_loss": total_loss / max(steps, 1),
-               "images_per_s": seen / (time.perf_counter() - started), "lr": opt.param_groups[1]["lr"]}
+            average_batchnorm_statistics(rt, model)
+        row = {"epoch": epoch + 1, **epoch_losses(rt, total_loss, steps),
+               "images_per_s": all_reduce_sum(rt, seen)[0] / seconds, "lr": opt.param_groups[1]["lr"]}
         if val_loader is not None:
-            row["val_mAP"] = evaluate_classification(model, val_loader, config, rt, val_labels)
+            val = evaluate_classification(model, val_loader, config, rt, val_set)
+            row["val_mAP"], row["val_skipped"] = val.mAP, val.skipped
+            if val.skipped and rt.is_main:
+                logger.warning("%d of %d validation images could not be read: val_mAP is over the other %d",
+                            val.skipped, len(val_set), val.evaluated)
         metric = row.get("val_mAP", -row["train_loss"])
         is_best = metric > best
         best = max(best, metric)

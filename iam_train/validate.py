@@ -20,6 +20,7 @@ class InstanceQuality:
     chance_inside: float  # expected fraction for a location drawn uniformly from the image
     mean_iou: float  # mean over peaks of the best IoU of the map (> 0.5) with a same-class instance
     prm_mean_iou: float  # the same for the peak response map thresholded at 20% of its max
+    skipped: int = 0  # images of the split that could not be read (left out)
 
 
 def _best_iou(mask: np.ndarray, instances: list[np.ndarray], ignore: np.ndarray) -> float:
@@ -39,10 +40,11 @@ def instance_quality(teacher, filling: InstanceExtentFilling | None, data: Filli
     (peaks and PRMs only)."""
     if filling is not None:
         filling.eval()
-    inside, chance, ious, prm_ious = [], [], [], []
+    inside, chance, ious, prm_ious, skipped = [], [], [], [], 0
     for index in range(len(data)):
-        item = data[index]
+        item = data[index]  # ground truth below by the same index: a skipped image shifts nothing
         if item is None:
+            skipped += 1
             continue
         gt = data.voc.instances(data.ids[index])
         size = gt.ignore.shape
@@ -65,4 +67,4 @@ def instance_quality(teacher, filling: InstanceExtentFilling | None, data: Filli
             if filling is not None:
                 ious.append(_best_iou(maps[1][k].numpy() > 0.5, same, gt.ignore))
     mean = lambda v: float(np.mean(v)) if v else float("nan")  # noqa: E731
-    return InstanceQuality(len(inside), mean(inside), mean(chance), mean(ious), mean(prm_ious))
+    return InstanceQuality(len(inside), mean(inside), mean(chance), mean(ious), mean(prm_ious), skipped)

@@ -120,7 +120,7 @@ def test_ddp_two_processes_gloo(tiny, tmp_path):
     if torchrun is None:
         pytest.skip("torchrun is not installed beside this Python")
     out = tmp_path / "ddp"
-    args = _prm_args(tiny, out, 1)
+    args = [*_prm_args(tiny, out, 1), "--val-split", "val"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "iam_train.cli", *args],
@@ -130,4 +130,34 @@ def test_ddp_two_processes_gloo(tiny, tmp_path):
     ckpt = load_checkpoint(out / "last.pt", "iam-prm")
     assert ckpt["epoch"] == 1
     assert sorted(p.name for p in out.glob("*.pt")) == ["best.pt", "last.pt"]
-    assert np.isfinite(float((out / "metrics.csv").read_text().splitlines()[-1].split(",")[1]))
+    # one summary, from rank 0; the logged loss is the mean over both ranks' (equal) step counts
+    assert proc.stdout.count("done:") == 1, proc.stdout
+    import csv
+
+    row = next(csv.DictReader((out / "metrics.csv").open()))
+    ranks = [float(row["train_loss_rank0"]), float(row["train_loss_rank1"])]
+    assert ranks[0] != ranks[1] and float(row["train_loss"]) == pytest.approx(np.mean(ranks), rel=1e-9)
+    assert np.isfinite(float(row["val_mAP"])) and row["val_skipped"] == "0"
+    assert ckpt["best_metric"] == pytest.approx(float(row["val_mAP"]))
+
+
+def test_validation_leaves_out_an_unreadable_image_and_keeps_the_others_aligned(tiny, tmp_path):
+    """A validation split with an unreadable image gives exactly the metric of the split
+    without it (the training is deterministic, so only the alignment can differ)."""
+    import csv
+
+    corrupt, removed = tmp_path / "corrupt", tmp_path / "removed"
+    shutil.copytree(tiny, corrupt)
+    shutil.copytree(tiny, removed)
+    val_ids = (tiny / "ImageSets" / "Main" / "val.txt").read_text().split()
+    bad = val_ids[0]
+    (corrupt / "JPEGImages" / f"{bad}.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    for split_file in (removed / "ImageSets" / "Main").glob("*val.txt"):
+        lines = [ln for ln in split_file.read_text().splitlines() if ln.split()[:1] != [bad]]
+        split_file.write_text("\n".join(lines) + "\n")
+    rows = []
+    for data in (corrupt, removed):
+        invoke(*_prm_args(data, tmp_path / f"run-{data.name}", 1), "--val-split", "val")
+        rows.append(next(csv.DictReader((tmp_path / f"run-{data.name}" / "metrics.csv").open())))
+    assert rows[0]["val_mAP"] == rows[1]["val_mAP"]
+    assert (rows[0]["val_skipped"], rows[1]["val_skipped"]) == ("1", "0")

@@ -66,7 +66,8 @@ class _VOCBase(Dataset):
 
 class ClassificationDataset(_VOCBase):
     """Items: (image (3, S, S), target (C,) float with difficult counted as positive, as the
-    reference does), or None for an unreadable image (dropped by :func:`collate_skip`)."""
+    reference does, the item's index), or None for an unreadable image (dropped by
+    :func:`collate_skip`): whatever is dropped, scores stay with their images' labels."""
 
     def __init__(self, root, split: str, image_size: int, flip: float = 0.0, seed: int = 0):
         super().__init__(root, split, image_size, flip, seed)
@@ -77,7 +78,7 @@ class ClassificationDataset(_VOCBase):
         loaded = self._image(index)
         if loaded is None:
             return None
-        return loaded[0], torch.from_numpy((self.labels[index] >= 0).astype(np.float32))
+        return loaded[0], torch.from_numpy((self.labels[index] >= 0).astype(np.float32)), index
 
 
 @dataclass
