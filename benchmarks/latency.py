@@ -391,7 +391,7 @@ def main(backbone, image_size, num_peaks, batch_sizes, num_images, reference_ima
             run_dir = out / "runs" / key
             # The CRF at the photo's resolution, as this benchmark's reference path runs it (moving both
             # to the reference's 448 frame, now iam-infer's default, is issue 17's).
-            options = dict(batch_size=bs, max_peaks=num_peaks, score_threshold=float("-inf"), refine=refine,
+            options = dict(batch_size=bs, max_instances=num_peaks, class_threshold=float("-inf"), refine=refine,
                            peak_threshold=float("-inf"), nms_iou=1.01, crf_workers=crf_workers, crf_max_side=max_side,
                            crf_frame="image", crf_photo_max_side=0)
             results["paths"][key] = _runtime_path(out, key, dict(
@@ -525,7 +525,7 @@ def _tensorrt_engines(out: Path, bundle_dir: Path, ckpt: Path, export_options, r
             t = time.perf_counter()
             build_bundle_engines(target, BuildOptions(fp16=precision == "fp16", int8=precision == "int8",
                                                       max_batch=max(sizes), opt_batch=max(sizes),
-                                                      max_peaks=max(32, num_peaks), opt_peaks=num_peaks),
+                                                      max_segment_peaks=max(32, num_peaks), opt_segment_peaks=num_peaks),
                                  calib_images=out / "images" if precision == "int8" else None, log=click.echo)
             results.setdefault("tensorrt_build_seconds", {})[precision] = time.perf_counter() - t
         except Exception as exc:  # noqa: BLE001 - recorded with its reason, the other paths go on

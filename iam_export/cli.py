@@ -24,7 +24,8 @@ def main() -> None:
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Bundle directory.")
 @click.option("--image-size", type=int, default=None, help="Input size (default: as trained; reference 448).")
 @click.option("--opset", default=20, show_default=True)
-@click.option("--max-peaks", default=100, show_default=True, help="Peaks per image in the detect graph's outputs.")
+@click.option("--max-peaks", default=100, show_default=True,
+              help="Peaks per image the detect graph returns (its fixed-size outputs; TensorRT's TopK allows 3840).")
 @click.option("--fp16", is_flag=True, help="fp16 convolution trunk (fp32 peak finding, heads and I/O).")
 @click.option("--verify/--no-verify", default=True, show_default=True, help="Check onnxruntime against PyTorch.")
 @click.option("--from-reference", is_flag=True,
@@ -77,16 +78,17 @@ def export_onnx(prm, filling, out, image_size, opset, max_peaks, fp16, verify, f
 @click.option("--workspace", "workspace_gb", default=4.0, show_default=True, help="Builder workspace in GB.")
 @click.option("--timing-cache", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--max-batch", default=16, show_default=True)
-@click.option("--max-peaks", default=64, show_default=True)
-def export_tensorrt(bundle, fp16, int8, calib_images, workspace_gb, timing_cache, max_batch, max_peaks) -> None:
+@click.option("--max-segment-peaks", default=64, show_default=True,
+              help="Largest number of peaks the segment engine takes in one call (its optimisation profile).")
+def export_tensorrt(bundle, fp16, int8, calib_images, workspace_gb, timing_cache, max_batch, max_segment_peaks) -> None:
     """Build TensorRT engines for BUNDLE's graphs on this machine's GPU."""
     from iam_runtime.bundle import BundleError
 
     from .tensorrt_build import BuildOptions, TensorRTUnavailable, build_bundle_engines
 
     options = BuildOptions(fp16=fp16, int8=int8, workspace_gb=workspace_gb, timing_cache=timing_cache,
-                           max_batch=max_batch, opt_batch=min(8, max_batch), max_peaks=max_peaks,
-                           opt_peaks=min(8, max_peaks))
+                           max_batch=max_batch, opt_batch=min(8, max_batch), max_segment_peaks=max_segment_peaks,
+                           opt_segment_peaks=min(8, max_segment_peaks))
     try:
         engines = build_bundle_engines(bundle, options, calib_images, log=click.echo)
     except (TensorRTUnavailable, BundleError, ValueError, RuntimeError) as exc:

@@ -15,6 +15,10 @@ import torch
 
 import iam_runtime
 from iam_runtime.bundle import (
+    DETECT_INPUTS,
+    DETECT_OUTPUTS,
+    SEGMENT_INPUTS,
+    SEGMENT_OUTPUTS,
     CRFSpec,
     FillingSpec,
     GraphSpec,
@@ -158,8 +162,6 @@ def _export(module, args, dynamic_shapes, input_names, output_names, opset) -> o
     return program.model_proto
 
 
-DETECT_OUTPUTS = ["class_scores", "peak_coords", "peak_values", "peak_counts"]
-SEGMENT_OUTPUTS = ["prm", "iam"]
 
 
 def build_graphs(models: LoadedModels, options: ExportOptions) -> dict[str, onnx.ModelProto]:
@@ -167,7 +169,7 @@ def build_graphs(models: LoadedModels, options: ExportOptions) -> dict[str, onnx
     peak_kwargs = dict(**models.peak_kwargs, max_peaks=options.max_peaks)
     detect = DetectGraph(models.backbone, **peak_kwargs).eval()
     batch = torch.export.Dim("batch", min=1, max=1024)
-    detect_model = _export(detect, (torch.randn(2, 3, s, s),), ({0: batch},), ["images"], DETECT_OUTPUTS, options.opset)
+    detect_model = _export(detect, (torch.randn(2, 3, s, s),), ({0: batch},), list(DETECT_INPUTS), list(DETECT_OUTPUTS), options.opset)
     onnx_ops.attach_functions(detect_model, [onnx_ops.find_peaks_function(
         len(models.classes), (s // 32, s // 32), options.opset, **peak_kwargs)])
 
@@ -175,7 +177,7 @@ def build_graphs(models: LoadedModels, options: ExportOptions) -> dict[str, onnx
     peaks = torch.export.Dim("peaks", min=1, max=4096)
     example_peaks = torch.tensor([[0, 0, 0], [0, 1, 1]], dtype=torch.int64)
     segment_model = _export(segment, (torch.randn(1, 3, s, s), example_peaks), (None, {0: peaks}),
-                            ["image", "peaks"], SEGMENT_OUTPUTS, options.opset)
+                            list(SEGMENT_INPUTS), list(SEGMENT_OUTPUTS), options.opset)
     f = models.filling
     onnx_ops.attach_functions(segment_model, [onnx_ops.propagate_affinity_function(
         f.channels, f.kernel_size, (s // 4, s // 4), f.steps, options.opset)])
@@ -199,7 +201,7 @@ def verify_graphs(paths: dict[str, Path], models: LoadedModels, options: ExportO
     with torch.no_grad():
         for n in (1, 3):
             ref = [t.numpy() for t in detect(images[:n])]
-            got = det_sess.run(DETECT_OUTPUTS, {"images": images[:n].numpy()})
+            got = det_sess.run(list(DETECT_OUTPUTS), dict(zip(DETECT_INPUTS, [images[:n].numpy()])))
             maps = upsample_crm(models.backbone(images[:n]).crm, models.upsample_factor)
             thresholds = map_threshold(maps, models.threshold_mode, models.threshold_value)
             rows += compare_detect(f"detect/{n}", maps.numpy(), thresholds.numpy(), models.win_size, ref, got,
@@ -214,8 +216,8 @@ def verify_graphs(paths: dict[str, Path], models: LoadedModels, options: ExportO
         seg_sess = ort.InferenceSession(str(paths["segment"]), providers=["CPUExecutionProvider"])
         for n in sorted({1, len(peaks)}):
             ref = [t.numpy() for t in segment(images[:1], peaks[:n])]
-            got = seg_sess.run(SEGMENT_OUTPUTS, {"image": images[:1].numpy(), "peaks": peaks[:n].numpy()})
-            rows += compare(f"segment/{n}", SEGMENT_OUTPUTS, got, ref, precision)
+            got = seg_sess.run(list(SEGMENT_OUTPUTS), dict(zip(SEGMENT_INPUTS, [images[:1].numpy(), peaks[:n].numpy()])))
+            rows += compare(f"segment/{n}", list(SEGMENT_OUTPUTS), got, ref, precision)
     return rows
 
 

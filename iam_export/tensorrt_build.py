@@ -19,7 +19,7 @@ from pathlib import Path
 import onnx
 import onnx.numpy_helper
 
-from iam_runtime.bundle import EngineSpec, load_bundle, save_manifest, sha256_file
+from iam_runtime.bundle import DETECT_INPUTS, EngineSpec, load_bundle, save_manifest, sha256_file
 
 
 class TensorRTUnavailable(RuntimeError):
@@ -76,8 +76,8 @@ class BuildOptions:
     timing_cache: Path | None = None
     max_batch: int = 16
     opt_batch: int = 8
-    max_peaks: int = 64
-    opt_peaks: int = 8
+    max_segment_peaks: int = 64  # the segment engine's largest peak count (its profile)
+    opt_segment_peaks: int = 8
 
 
 def profiles_for(key: str, inputs, options: BuildOptions) -> dict[str, list[list[int]]]:
@@ -87,7 +87,7 @@ def profiles_for(key: str, inputs, options: BuildOptions) -> dict[str, list[list
         dims = [d if isinstance(d, int) and d > 0 else None for d in spec.shape]
         if None not in dims:
             continue
-        lo, opt, hi = (1, options.opt_batch, options.max_batch) if key == "detect" else (1, options.opt_peaks, options.max_peaks)
+        lo, opt, hi = (1, options.opt_batch, options.max_batch) if key == "detect" else (1, options.opt_segment_peaks, options.max_segment_peaks)
         out[spec.name] = [[lo if d is None else d for d in dims], [opt if d is None else d for d in dims],
                           [hi if d is None else d for d in dims]]
     return out
@@ -179,7 +179,7 @@ def build_engine(trt, model: onnx.ModelProto, profiles: dict[str, list[list[int]
     return bytes(serialized)
 
 
-def quantize_int8(model_path: Path, out_path: Path, calibration: list, input_name: str = "images") -> None:
+def quantize_int8(model_path: Path, out_path: Path, calibration: list, input_name: str = DETECT_INPUTS[0]) -> None:
     """Explicit INT8: Q/DQ around the convolutions of the detect graph, calibrated with
     onnxruntime's static quantisation on preprocessed images; peak finding and score heads stay
     fp32 (only Conv is quantised)."""

@@ -17,12 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .bundle import Bundle
+from .bundle import DETECT_INPUTS, DETECT_OUTPUTS, SEGMENT_INPUTS, SEGMENT_OUTPUTS, Bundle
 
 log = logging.getLogger(__name__)
 
-DETECT_OUTPUTS = ("class_scores", "peak_coords", "peak_values", "peak_counts")
-SEGMENT_OUTPUTS = ("prm", "iam")
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 
 
@@ -126,11 +124,11 @@ class OnnxRuntimeBackend:
         return f"onnxruntime ({', '.join(self.providers)})"
 
     def detect(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        out = self.sessions["detect"].run(list(DETECT_OUTPUTS), {"images": images})
+        out = self.sessions["detect"].run(list(DETECT_OUTPUTS), dict(zip(DETECT_INPUTS, [images])))
         return dict(zip(DETECT_OUTPUTS, out))
 
     def segment(self, image: np.ndarray, peaks: np.ndarray) -> dict[str, np.ndarray]:
-        out = self.sessions["segment"].run(list(SEGMENT_OUTPUTS), {"image": image, "peaks": peaks})
+        out = self.sessions["segment"].run(list(SEGMENT_OUTPUTS), dict(zip(SEGMENT_INPUTS, [image, peaks])))
         return dict(zip(SEGMENT_OUTPUTS, out))
 
 
@@ -218,10 +216,10 @@ class TensorRTBackend:
                 cudart.cudaFree(ptr)
 
     def detect(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        return self._run("detect", {"images": images}, DETECT_OUTPUTS)
+        return self._run("detect", dict(zip(DETECT_INPUTS, [images])), DETECT_OUTPUTS)
 
     def segment(self, image: np.ndarray, peaks: np.ndarray) -> dict[str, np.ndarray]:
-        return self._run("segment", {"image": image, "peaks": peaks}, SEGMENT_OUTPUTS)
+        return self._run("segment", dict(zip(SEGMENT_INPUTS, [image, peaks])), SEGMENT_OUTPUTS)
 
 
 def select_backend(bundle: Bundle, backend: str = "auto", providers: list[str] | None = None,

@@ -146,6 +146,11 @@ def _encode_floats(obj):
 
 
 REQUIRED_GRAPHS = ("detect", "segment")
+# The graphs' tensor names, the contract between iam-export and every engine.
+DETECT_INPUTS = ("images",)  # (B, 3, S, S) float32, normalised
+DETECT_OUTPUTS = ("class_scores", "peak_coords", "peak_values", "peak_counts")  # (B, C), (B, K, 3), (B, K), (B,)
+SEGMENT_INPUTS = ("image", "peaks")  # (1, 3, S, S) float32, (P, 3) int64 (class, y, x)
+SEGMENT_OUTPUTS = ("prm", "iam")  # (P, S, S) peak response maps, (P, S, S) instance activation maps
 
 
 def _build(cls, data: Any, where: str) -> dict:

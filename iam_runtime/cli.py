@@ -41,10 +41,12 @@ EXIT_OK, EXIT_IMAGES_FAILED, EXIT_INTERRUPTED = 0, 1, 130
                    "photo's resolution, capped by --crf-photo-max-side. Default: the bundle's (input).")
 @click.option("--crf-photo-max-side", default=1024, show_default=True, type=click.IntRange(min=0),
               help="With --crf-frame image: larger photos are refined at this longer side (0: no cap).")
-@click.option("--max-peaks", type=click.IntRange(min=1), default=None,
-              help="Instances per image at most (default: the bundle's; a warning names the images it cuts).")
-@click.option("--score-threshold", type=float, default=None,
-              help="Class score (logit) threshold (default: the bundle's; reference: -3).")
+@click.option("--max-instances", type=click.IntRange(min=1), default=None,
+              help="Instances per image at most, the highest peaks (default: every valid peak the bundle's detect "
+                   "graph returns; a warning names the images it cuts).")
+@click.option("--class-threshold", type=float, default=None,
+              help="A class is present when its score (logit) is at least this (default: the bundle's; "
+                   "reference: -3).")
 @click.option("--peak-threshold", type=float, default=None,
               help="Peak value threshold (default: the bundle's; reference: 30).")
 @click.option("--mask-threshold", type=float, default=None, help="Without CRF (default: the bundle's, 0.5).")
@@ -55,7 +57,7 @@ EXIT_OK, EXIT_IMAGES_FAILED, EXIT_INTERRUPTED = 0, 1, 130
 @click.option("--resume", is_flag=True, help="Skip images whose outputs are complete.")
 @click.option("--no-progress", is_flag=True)
 def main(input_path, out, bundle, demo, backend, providers, tf32, batch_size, refine, crf_workers, crf_max_side,
-         crf_full_iterations, crf_frame, crf_photo_max_side, max_peaks, score_threshold, peak_threshold, mask_threshold,
+         crf_full_iterations, crf_frame, crf_photo_max_side, max_instances, class_threshold, peak_threshold, mask_threshold,
          nms_iou, save, resume, no_progress) -> None:
     """Segment instances in INPUT (a folder, an image, or a .txt list of paths).
 
@@ -86,8 +88,8 @@ def main(input_path, out, bundle, demo, backend, providers, tf32, batch_size, re
         raise click.ClickException(str(exc)) from exc
     options = InferOptions(batch_size=batch_size, refine=refine, crf_workers=crf_workers, crf_max_side=crf_max_side,
                            crf_full_iterations=crf_full_iterations, crf_frame=crf_frame,
-                           crf_photo_max_side=crf_photo_max_side, max_peaks=max_peaks,
-                           score_threshold=score_threshold, peak_threshold=peak_threshold,
+                           crf_photo_max_side=crf_photo_max_side, max_instances=max_instances,
+                           class_threshold=class_threshold, peak_threshold=peak_threshold,
                            mask_threshold=mask_threshold, nms_iou=nms_iou, save=tuple(s for s in save.split(",") if s),
                            resume=resume, progress=not no_progress)
     click.echo(f"{engine.describe()}; bundle {bundle} ({describe_semantics(loaded.manifest)})", err=True)
@@ -98,6 +100,9 @@ def main(input_path, out, bundle, demo, backend, providers, tf32, batch_size, re
         sys.exit(EXIT_INTERRUPTED)
     click.echo(f"{summary.completed} images done, {summary.skipped_complete} already complete, {summary.failed} failed; "
                f"{summary.instances} instances; {summary.images_per_second:.2f} images/s")
+    if summary.busy:
+        click.echo(f"busy: engine {summary.busy['engine']:.0%} of the time, refinement {summary.busy['refine']:.0%} "
+                   f"of {summary.refine_workers} worker(s)", err=True)
     for err in summary.errors:
         click.echo(f"  failed: {err['file']} ({err['stage']}): {err['reason']}", err=True)
     click.echo(f"overlays in {out / 'overlays'}, predictions in {out / 'predictions.json'}")

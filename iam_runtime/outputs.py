@@ -5,40 +5,22 @@ so an interrupted run never leaves a file that looks complete."""
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .files import atomic_write, atomic_write_bytes
+from .segmenter import Instance
 from .voc import IGNORE_LABEL, voc_palette
 
 _PALETTE = voc_palette()
 
 
-@dataclass
-class Instance:
-    class_index: int  # 0-based into the bundle's classes
-    score: float  # the peak's value on the class response map
-    class_score: float  # the image-level class score (logit)
-    peak: tuple[int, int]  # (y, x) in the original image
-    mask: np.ndarray  # (H, W) bool
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def _save_image(path: Path, image: Image.Image, **kw) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    image.save(tmp, **kw)
-    os.replace(tmp, path)
+    with atomic_write(path) as f:
+        image.save(f, **kw)
 
 
 def label_maps(instances: list[Instance], size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:

@@ -1,8 +1,13 @@
-"""The inference pipeline over a folder (DESIGN.md, "The runtime pipeline"):
+"""The inference pipeline over a folder (docs/architecture.md): the :class:`Segmenter`'s stages
+as a stream with bounded queues, so that the engine and the refinement workers overlap.
 
-decode + resize (threads) -> detect (batched) -> select peaks -> segment (per image, peaks in
-chunks) -> refine (dense CRF) + write, in a process pool (overlapping a GPU engine; between
-engine calls, on every core, for an engine on the CPU).
+    decode (threads)  ->  engine: detect (batched), segment (per image)  ->  refine (worker
+    processes)  ->  write (a thread)
+
+One scheduling policy: each image's refinement is one task (its CRF lattices built once), at most
+``2 x workers`` of them in flight (the engine waits for the oldest when the workers fall behind),
+and each refined image is written as soon as it is done. Throughput follows the slower of the
+engine and the refinement workers; the summary reports how busy each was.
 
 Every output file is written atomically; an image's JSON record is written last and marks it
 complete, so ``resume`` skips exactly the images whose outputs are complete, and an interrupted
@@ -11,59 +16,36 @@ run leaves no file that looks complete.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
 import statistics
 import time
 from collections import deque
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .bundle import Bundle, CRFSpec
-from .images import IMAGE_EXTENSIONS, ImageError, decode_image, list_images, preprocess
-from .outputs import Instance, atomic_write_bytes, is_complete, output_paths, write_image_outputs
-from .peaks import peak_input_coordinates, select_peaks
-from .refine import CRFSchedule, refine_instances
+from .bundle import Bundle
+from .files import atomic_write_bytes, remove_temporaries
+from .images import IMAGE_EXTENSIONS, ImageError, decode_image, list_images
+from .outputs import is_complete, output_paths, write_image_outputs
+from .segmenter import ImagePeaks, PredictOptions, Segmenter, warn_if_capped
 
 log = logging.getLogger(__name__)
 SAVE_CHOICES = ("masks", "overlays", "json")
+STAGES = ("decode", "detect", "segment", "refine", "write")
 
 
 @dataclass
-class InferOptions:
-    batch_size: int = 4
-    refine: str = "crf"  # crf | threshold | none
-    crf_workers: int = 0  # 0: one per CPU core
-    # CRF on the image scaled to this longer side, but for its last crf_full_iterations (see
-    # refine.CRFSchedule); 0: full resolution, the reference's masks.
-    crf_max_side: int = 0
-    crf_full_iterations: int = 1
-    # Where the CRF runs: "input" (the network's input frame, the reference's) or "image" (the
-    # photo's resolution, capped at crf_photo_max_side); default: the bundle's.
-    crf_frame: str | None = None
-    crf_photo_max_side: int = 1024
-    max_peaks: int | None = None  # per image; default: the bundle's
-    score_threshold: float | None = None  # class score threshold; default: the bundle's
-    peak_threshold: float | None = None
-    mask_threshold: float | None = None  # without CRF; default: the bundle's
-    # same-class masks overlapping more than this: the lower score is dropped; default: the
-    # bundle's; a value > 1 keeps every instance (the reference: no NMS)
-    nms_iou: float | None = None
-    # Peaks per segment call (bounds memory) where the bundle's filling uses running statistics;
-    # with batch statistics an image's peaks go through in one call (up to max_peaks).
-    peak_chunk: int = 8
+class InferOptions(PredictOptions):
+    """A folder run: the semantics overrides of :class:`PredictOptions`, and how the run goes."""
+
+    batch_size: int = 4  # images per detect call
+    crf_workers: int = 0  # refinement processes; 0: one per CPU core; 1: in this process
     save: tuple[str, ...] = SAVE_CHOICES
-    # Refine image i while the engine runs image i+1 (None: only when the engine is on a GPU). An
-    # engine on the CPU already uses every core; overlapping would stall both, so there a batch is
-    # refined on all workers at once, between engine calls: whole images per worker when the batch
-    # has at least one image per worker (each image's CRF lattices built once), else each image's
-    # instances split across the workers.
-    overlap_refine: bool | None = None
     resume: bool = False
     decode_threads: int = 2
     progress: bool = True
@@ -87,8 +69,13 @@ class RunSummary:
     images_without_instances: int = 0
     seconds: float = 0.0
     images_per_second: float = 0.0
-    stage_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
-        ("decode", "detect", "segment", "refine", "write"), 0.0))
+    # decode, detect, segment and write: seconds of this process's threads; refine: seconds of
+    # the refinement workers, added up (on several workers, more than the wall time)
+    stage_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
+    # how busy each side was over the run: the engine (detect + segment) of the wall time, the
+    # refinement of the wall time times the workers
+    busy: dict[str, float] = field(default_factory=dict)
+    refine_workers: int = 1
     # seconds from an image's batch entering the engine to its outputs written: median, p90, p99
     latency_s: dict[str, float] = field(default_factory=dict)
     errors: list[dict[str, str]] = field(default_factory=list)
@@ -137,97 +124,6 @@ def collect_inputs(source: str | Path) -> tuple[Path, list[InputItem]]:
     return root, items
 
 
-def _warn_if_capped(item: InputItem, values: np.ndarray, count: int, detect_k: int, peak_threshold: float,
-                    valid: int, chosen: int) -> None:
-    """Say when a cap kept valid peaks out: the detect graph's K outputs were full with peaks
-    above the threshold (more may exist), or --max-peaks left some unsegmented."""
-    if count == detect_k and detect_k and values[detect_k - 1] > peak_threshold:
-        log.warning("%s: the detect graph's %d peak outputs are full; valid peaks beyond them are not used "
-                    "(export with a larger --max-peaks)", item.file_name, detect_k)
-    if chosen < valid:
-        log.warning("%s: %d valid peaks, the %d highest segmented (--max-peaks)", item.file_name, valid, chosen)
-
-
-def _decode(item: InputItem, size, mean, std):
-    started = time.perf_counter()
-    rgb = decode_image(item.path)
-    return rgb, preprocess(rgb, size, mean, std), time.perf_counter() - started
-
-
-def _nms(instances: list[Instance], iou: float | None) -> list[Instance]:
-    """Same-class duplicates (mask IoU > ``iou``) and empty masks removed, highest score first;
-    ``iou`` None (or > 1): every instance kept, as the reference."""
-    if iou is None or iou > 1:
-        return list(instances)
-    kept: list[Instance] = []
-    for ins in sorted(instances, key=lambda i: -i.score):
-        area = ins.mask.sum()
-        if area == 0:
-            continue
-        duplicate = False
-        for k in kept:
-            if k.class_index == ins.class_index:
-                inter = np.logical_and(k.mask, ins.mask).sum()
-                if inter / (area + k.mask.sum() - inter) > iou:
-                    duplicate = True
-                    break
-        if not duplicate:
-            kept.append(ins)
-    return kept
-
-
-def refine_and_write(rgb: np.ndarray, maps: np.ndarray, meta: list[tuple[int, float, float, tuple[int, int]]],
-                     method: str, crf: CRFSpec, mask_threshold: float, nms_iou: float, out_dir: str, stem: str,
-                     image_id: str, file_name: str, classes: list[str], save: tuple[str, ...],
-                     schedule: CRFSchedule | None = None):
-    """Worker: masks for one image's activation maps, duplicates removed, outputs written.
-    Returns (records, refine seconds, write seconds)."""
-    started = time.perf_counter()
-    masks = refine_instances(rgb, maps, method, crf, mask_threshold, schedule)
-    refined = time.perf_counter()
-    return write_masks(rgb, masks, meta, nms_iou, out_dir, stem, image_id, file_name, classes, save, refined - started)
-
-
-def write_masks(rgb: np.ndarray, masks: np.ndarray, meta: list[tuple[int, float, float, tuple[int, int]]],
-                nms_iou: float, out_dir: str, stem: str, image_id: str, file_name: str, classes: list[str],
-                save: tuple[str, ...], refine_seconds: float):
-    """One image's refined masks -> duplicates removed, outputs written; as refine_and_write."""
-    started = time.perf_counter()
-    instances = _nms([Instance(c, s, cs, p, m) for (c, s, cs, p), m in zip(meta, masks)], nms_iou)
-    records = write_image_outputs(output_paths(Path(out_dir), stem), rgb, instances, classes, image_id, file_name,
-                                  set(save))
-    return records, refine_seconds, time.perf_counter() - started
-
-
-def _refine_across(pool: ProcessPoolExecutor, workers: int, rgb: np.ndarray, maps: np.ndarray, meta, method: str,
-                   crf: CRFSpec, mask_threshold: float, nms_iou: float, out_dir: str, stem: str, image_id: str,
-                   file_name: str, classes: list[str], save: tuple[str, ...], schedule: CRFSchedule) -> Future:
-    """One image's instances refined on every worker at once, then written here; a completed
-    Future like refine_and_write's."""
-    started = time.perf_counter()
-    try:
-        chunks = np.array_split(np.arange(len(maps)), max(1, min(workers, len(maps))))
-        parts = [pool.submit(refine_instances, rgb, maps[c], method, crf, mask_threshold, schedule)
-                 for c in chunks]
-        masks = np.concatenate([part.result() for part in parts])
-    except Exception as exc:
-        future: Future = Future()
-        future.set_exception(exc)
-        return future
-    return _run_inline(write_masks, rgb, masks, meta, nms_iou, out_dir, stem, image_id, file_name, classes, save,
-                       time.perf_counter() - started)
-
-
-def _run_inline(fn, *args) -> Future:
-    """Run ``fn`` here and now, as a completed Future (the pool's interface, without a pool)."""
-    future: Future = Future()
-    try:
-        future.set_result(fn(*args))
-    except Exception as exc:
-        future.set_exception(exc)
-    return future
-
-
 def _worker_context():
     """Workers must not be forked from this process: it holds onnxruntime (and maybe CUDA)
     state and threads, and a forked copy can deadlock on a lock or condition variable taken at
@@ -239,10 +135,32 @@ def _worker_context():
     return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
 
 
-def _clean_temporaries(out_dir: Path) -> None:
-    for sub in ("instances", "classes", "overlays", "records"):
-        for tmp in (out_dir / sub).rglob(".*.tmp") if (out_dir / sub).is_dir() else []:
-            tmp.unlink(missing_ok=True)
+def _timed_refine(settings, rgb: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, float]:
+    """Worker task: (masks, seconds)."""
+    started = time.perf_counter()
+    masks = settings.refine(rgb, maps)
+    return masks, time.perf_counter() - started
+
+
+def _inline(fn, *args) -> Future:
+    """Run ``fn`` here and now, as a completed Future (the pool's interface, without a pool)."""
+    future: Future = Future()
+    try:
+        future.set_result(fn(*args))
+    except Exception as exc:
+        future.set_exception(exc)
+    return future
+
+
+@dataclass
+class _Image:
+    """One image on its way through the stages."""
+
+    item: InputItem
+    rgb: np.ndarray
+    tensor: np.ndarray
+    entered: float = 0.0  # when its batch entered the engine
+    peaks: ImagePeaks | None = None
 
 
 def run(bundle: Bundle, backend, source: str | Path, out_dir: str | Path, options: InferOptions) -> RunSummary:
@@ -251,21 +169,12 @@ def run(bundle: Bundle, backend, source: str | Path, out_dir: str | Path, option
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _clean_temporaries(out_dir)
-    m = bundle.manifest
+    for sub in ("instances", "classes", "overlays", "records"):
+        remove_temporaries(out_dir / sub)
+    segmenter = Segmenter(bundle, backend, options)
     _, items = collect_inputs(source)
     summary = RunSummary(images=len(items), backend=backend.describe(), bundle=str(bundle.root))
     save = tuple(s for s in options.save if s in SAVE_CHOICES)
-    max_peaks = options.max_peaks or m.peaks.max_peaks
-    class_threshold = m.peaks.class_threshold if options.score_threshold is None else options.score_threshold
-    peak_threshold = m.peaks.peak_threshold if options.peak_threshold is None else options.peak_threshold
-    mask_threshold = m.filling.mask_threshold if options.mask_threshold is None else options.mask_threshold
-    nms_iou = m.peaks.nms_iou if options.nms_iou is None else options.nms_iou
-    crf = m.crf if options.crf_frame is None else dataclasses.replace(m.crf, frame=options.crf_frame)
-    # With batch statistics the filling network normalises an image's peaks together, as the
-    # reference does: they must go through in one call.
-    peak_chunk = max_peaks if m.filling.normalization == "batch" else options.peak_chunk
-    crm_size = (m.input.size[0] // m.peaks.stride, m.input.size[1] // m.peaks.stride)
     todo = []
     for it in items:
         if options.resume and is_complete(output_paths(out_dir, it.stem), set(save)):
@@ -275,127 +184,118 @@ def run(bundle: Bundle, backend, source: str | Path, out_dir: str | Path, option
 
     started = time.perf_counter()
     workers = options.crf_workers or os.cpu_count() or 1
+    summary.refine_workers = workers
     pool = ProcessPoolExecutor(workers, mp_context=_worker_context()) if workers > 1 and todo else None
     decoder = ThreadPoolExecutor(max(1, options.decode_threads))
-    in_flight: deque[tuple[InputItem, Future]] = deque()
-    submit = pool.submit if pool is not None else _run_inline
-    overlap = options.overlap_refine if options.overlap_refine is not None else backend.device == "gpu"
-    schedule = CRFSchedule(options.crf_max_side, options.crf_full_iterations, options.crf_photo_max_side)
-    bar = tqdm(total=len(todo), desc="images", unit="img", disable=not options.progress)
-
-    entered: dict[str, float] = {}  # stem -> when its batch entered the engine
+    writer = ThreadPoolExecutor(1)
+    refining: deque[tuple[_Image, Future]] = deque()  # bounded: 2 x workers
+    writing: deque[tuple[_Image, Future]] = deque()
     latencies: list[float] = []
+    bar = tqdm(total=len(todo), desc="images", unit="img", disable=not options.progress)
+    classes = segmenter.classes
 
-    def finish(item: InputItem, result, time_scale: float = 1.0) -> None:
-        latencies.append(time.perf_counter() - entered.pop(item.stem, started))
-        try:
-            records, refine_s, write_s = result.result()
-            refine_s, write_s = refine_s * time_scale, write_s * time_scale
-        except Exception as exc:  # a worker failure is this image's failure, not the run's
-            summary.failed += 1
-            summary.errors.append({"file": item.file_name, "stage": "refine/write", "reason": f"{type(exc).__name__}: {exc}"})
-        else:
-            summary.completed += 1
-            summary.instances += len(records)
-            summary.images_without_instances += not records
-            summary.stage_seconds["refine"] += refine_s
-            summary.stage_seconds["write"] += write_s
+    def fail(item: InputItem, stage: str, exc: BaseException) -> None:
+        summary.failed += 1
+        reason = str(exc) if isinstance(exc, ImageError) else f"{type(exc).__name__}: {exc}"
+        summary.errors.append({"file": item.file_name, "stage": stage, "reason": reason})
         bar.update(1)
 
-    def drain(limit: int) -> None:
-        while len(in_flight) > limit or (in_flight and in_flight[0][1].done()):
-            item, result = in_flight.popleft()
-            finish(item, result)
-
-    def refine_whole_images(jobs: list[tuple[InputItem, tuple]]) -> None:
-        """A batch's images, one task each, on all workers at once. The stage times count wall
-        time: the workers' own refine and write seconds are scaled to the batch's wall time."""
+    def write(image: _Image, masks: np.ndarray) -> int:
         t0 = time.perf_counter()
-        futures = []
-        for it, args in jobs:
+        instances = segmenter.instances(image.peaks, masks)
+        write_image_outputs(output_paths(out_dir, image.item.stem), image.rgb, instances, classes,
+                            image.item.image_id, image.item.file_name, set(save))
+        summary.stage_seconds["write"] += time.perf_counter() - t0
+        return len(instances)
+
+    def finish_writes(limit: int) -> None:
+        while len(writing) > limit or (writing and writing[0][1].done()):
+            image, future = writing.popleft()
             try:
-                futures.append((it, pool.submit(refine_and_write, *args)))
-            except Exception as exc:  # a broken pool: this image fails, as a worker failure would
-                failed: Future = Future()
-                failed.set_exception(exc)
-                futures.append((it, failed))
-        wait([f for _, f in futures])
-        busy = sum(sum(f.result()[1:]) for _, f in futures if f.exception() is None)
-        scale = (time.perf_counter() - t0) / busy if busy > 0 else 1.0
-        for it, f in futures:
-            finish(it, f, scale)
+                count = future.result()
+            except Exception as exc:  # this image's failure, not the run's
+                fail(image.item, "write", exc)
+                continue
+            summary.completed += 1
+            summary.instances += count
+            summary.images_without_instances += not count
+            latencies.append(time.perf_counter() - image.entered)
+            bar.update(1)
+
+    def finish_refines(limit: int) -> None:
+        while len(refining) > limit or (refining and refining[0][1].done()):
+            image, future = refining.popleft()
+            try:
+                masks, seconds = future.result()
+            except Exception as exc:  # a worker failure (a broken pool too) fails this image only
+                fail(image.item, "refine", exc)
+                continue
+            summary.stage_seconds["refine"] += seconds
+            writing.append((image, writer.submit(write, image, masks)))
+        finish_writes(2 * workers)
+
+    def submit_refine(image: _Image, maps: np.ndarray) -> None:
+        try:
+            future = (pool.submit(_timed_refine, segmenter.refine_settings, image.rgb, maps) if pool is not None
+                      else _inline(_timed_refine, segmenter.refine_settings, image.rgb, maps))
+        except Exception as exc:  # a broken pool: this image fails, as a worker failure would
+            future = Future()
+            future.set_exception(exc)
+        refining.append((image, future))
+        finish_refines(2 * workers)
+
+    def decode(item: InputItem) -> tuple[_Image, float]:
+        t0 = time.perf_counter()
+        rgb = decode_image(item.path)
+        return _Image(item, rgb, segmenter.preprocess(rgb)), time.perf_counter() - t0
 
     try:
-        queue = deque(todo)
-        pending = deque()  # decode futures, prefetched ahead of the engine
-
-        def refill():
+        queue, pending = deque(todo), deque()  # pending: decodes in flight, 2 batches ahead
+        while queue or pending:
             while queue and len(pending) < 2 * options.batch_size:
                 it = queue.popleft()
-                pending.append((it, decoder.submit(_decode, it, m.input.size, m.input.mean, m.input.std)))
-
-        refill()
-        while pending:
+                pending.append((it, decoder.submit(decode, it)))
             batch = []
             while pending and len(batch) < options.batch_size:
-                it, fut = pending.popleft()
+                it, future = pending.popleft()
                 try:
-                    rgb, tensor, secs = fut.result()
-                    summary.stage_seconds["decode"] += secs
-                    batch.append((it, rgb, tensor))
+                    image, seconds = future.result()
                 except ImageError as exc:
-                    summary.failed += 1
-                    summary.errors.append({"file": it.file_name, "stage": "decode", "reason": str(exc)})
-                    bar.update(1)
-            refill()
+                    fail(it, "decode", exc)
+                    continue
+                summary.stage_seconds["decode"] += seconds
+                batch.append(image)
             if not batch:
                 continue
             t0 = time.perf_counter()
-            entered.update((it.stem, t0) for it, _, _ in batch)
-            det = backend.detect(np.stack([b[2] for b in batch]))
+            for image in batch:
+                image.entered = t0
+            found = segmenter.detect(np.stack([image.tensor for image in batch]))
             summary.stage_seconds["detect"] += time.perf_counter() - t0
-            whole_images = []  # (item, refine arguments), refined together after the batch's segment calls
-            for i, (it, rgb, tensor) in enumerate(batch):
-                valid = select_peaks(det["class_scores"][i], det["peak_coords"][i], det["peak_values"][i],
-                                     int(det["peak_counts"][i]), class_threshold, peak_threshold, m.peaks.max_peaks)
-                chosen = valid[:max_peaks]
-                _warn_if_capped(it, det["peak_values"][i], int(det["peak_counts"][i]), m.peaks.max_peaks, peak_threshold,
-                                len(valid), len(chosen))
-                coords = det["peak_coords"][i][chosen]
-                maps = np.zeros((0, *m.input.size), dtype=np.float32)
-                if len(chosen):
-                    t0 = time.perf_counter()
-                    parts = [backend.segment(tensor[None], np.ascontiguousarray(coords[s : s + peak_chunk]))["iam"]
-                             for s in range(0, len(coords), peak_chunk)]
-                    summary.stage_seconds["segment"] += time.perf_counter() - t0
-                    maps = np.concatenate(parts).astype(np.float32)
-                yx = peak_input_coordinates(coords, crm_size, m.peaks.upsample_factor, m.peaks.stride)
-                scale = np.array([rgb.shape[0] / m.input.size[0], rgb.shape[1] / m.input.size[1]])
-                meta = [(int(c[0]), float(det["peak_values"][i][j]), float(det["class_scores"][i][c[0]]),
-                         tuple(int(v) for v in np.clip(p * scale, 0, np.array(rgb.shape[:2]) - 1)))
-                        for j, c, p in zip(chosen, coords, yx)]
-                args = (rgb, maps, meta, options.refine, crf, mask_threshold, nms_iou, str(out_dir),
-                        it.stem, it.image_id, it.file_name, list(m.classes), save, schedule)
-                if overlap or pool is None or options.refine != "crf":
-                    in_flight.append((it, submit(refine_and_write, *args)))
-                    drain(2 * workers)
-                elif len(batch) >= workers:
-                    whole_images.append((it, args))
-                else:
-                    in_flight.append((it, _refine_across(pool, workers, *args)))
-                    drain(0)
-            if whole_images:
-                refine_whole_images(whole_images)
-        drain(0)
+            for image, peaks in zip(batch, found):
+                image.peaks = peaks
+                warn_if_capped(peaks, image.item.file_name, segmenter.manifest.peaks.max_peaks)
+                t0 = time.perf_counter()
+                maps = segmenter.segment(image.tensor, peaks)
+                summary.stage_seconds["segment"] += time.perf_counter() - t0
+                image.tensor = None  # not needed past the engine
+                submit_refine(image, maps)
+        finish_refines(0)
+        finish_writes(0)
     finally:
         bar.close()
         decoder.shutdown(wait=False, cancel_futures=True)
+        writer.shutdown(wait=True)
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
     summary.seconds = time.perf_counter() - started
     if latencies:
         summary.latency_s = percentiles(latencies)
     summary.images_per_second = (summary.completed / summary.seconds) if summary.seconds else 0.0
+    if summary.seconds:
+        engine = summary.stage_seconds["detect"] + summary.stage_seconds["segment"]
+        summary.busy = {"engine": engine / summary.seconds,
+                        "refine": summary.stage_seconds["refine"] / (summary.seconds * (workers if pool else 1))}
     write_predictions(out_dir, items, summary, save)
     return summary
 

@@ -216,7 +216,7 @@ def test_tensorrt_engines_match_onnx(bundle, tmp_path):
 
     copy = tmp_path / "b"
     shutil.copytree(bundle, copy)
-    engines = build_bundle_engines(copy, BuildOptions(max_batch=4, opt_batch=2, max_peaks=8, opt_peaks=4))
+    engines = build_bundle_engines(copy, BuildOptions(max_batch=4, opt_batch=2, max_segment_peaks=8, opt_segment_peaks=4))
     assert {e.graph for e in engines} == {"detect", "segment"}
     b = load_bundle(copy)
     images = np.random.default_rng(0).normal(size=(2, 3, SIZE, SIZE)).astype(np.float32)

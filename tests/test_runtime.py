@@ -132,7 +132,7 @@ def test_bad_inputs_are_reported_and_the_rest_completes(trained_bundle, val_imag
 
 def test_no_peaks_gives_an_empty_valid_result(trained_bundle, val_images, tmp_path):
     code, output = infer(str(sorted(val_images.iterdir())[0]), "-o", str(tmp_path), "--bundle", str(trained_bundle),
-                         "--score-threshold", "1e9", "--no-progress")
+                         "--class-threshold", "1e9", "--no-progress")
     assert code == 0, output
     assert json.loads((tmp_path / "predictions.json").read_text()) == []
     assert np.asarray(Image.open(next((tmp_path / "instances").iterdir()))).max() == 0
@@ -144,7 +144,7 @@ def test_peaks_processed_in_chunks_give_the_same_result(trained_bundle, val_imag
     backend = OnnxRuntimeBackend(bundle, ["CPUExecutionProvider"])
     outs = []
     for chunk in (1, 8):
-        options = InferOptions(refine="threshold", crf_workers=1, peak_chunk=chunk, progress=False, max_peaks=5)
+        options = InferOptions(refine="threshold", crf_workers=1, peak_chunk=chunk, progress=False, max_instances=5)
         run(bundle, backend, val_images, tmp_path / str(chunk), options)
         outs.append(json.loads((tmp_path / str(chunk) / "predictions.json").read_text()))
     assert outs[0] == outs[1]
