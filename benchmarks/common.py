@@ -6,10 +6,12 @@ import json
 import os
 import platform
 import resource
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from iam_runtime.files import atomic_write_text
+from iam_runtime.pipeline import percentiles
 
 
 def time_call(fn: Callable[[], object], repeats: int, warmup: int = 1) -> dict[str, float]:
@@ -21,13 +23,8 @@ def time_call(fn: Callable[[], object], repeats: int, warmup: int = 1) -> dict[s
         start = time.perf_counter()
         fn()
         samples.append(time.perf_counter() - start)
-    samples.sort()
-    return {
-        "median_s": statistics.median(samples),
-        "p90_s": samples[min(len(samples) - 1, int(round(0.9 * (len(samples) - 1))))],
-        "min_s": samples[0],
-        "repeats": repeats,
-    }
+    stats = percentiles(samples)
+    return {"median_s": stats["median"], "p90_s": stats["p90"], "min_s": min(samples), "repeats": repeats}
 
 
 def machine_info() -> dict[str, object]:
@@ -55,7 +52,4 @@ def own_peak_rss_mb() -> float:
 
 
 def write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(payload, indent=2))

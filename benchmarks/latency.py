@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from iam_runtime.bundle import load_bundle
 from iam_runtime.images import decode_image, preprocess
+from iam_runtime.masks import mask_iou
 from iam_runtime.pipeline import percentiles
 from iam_runtime.refine import CRFSchedule, dense_crf, resize_map
 from iam_runtime.voc import IMAGENET_MEAN, IMAGENET_STD
@@ -77,12 +78,6 @@ def reference_filling(filling: InstanceExtentFilling, prm: torch.Tensor, kernels
         cols = F.unfold(x, k, padding=k // 2) * weights
         x = cols.view(p, d, k * k, h, w).sum(2)
     return filling.decode(x).squeeze(1)
-
-
-def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
-    """IoU of two (H, W) bool masks; two empty masks agree (1.0)."""
-    union = (a | b).sum()
-    return float((a & b).sum() / union) if union else 1.0
 
 
 def object_shaped_maps(rgb: np.ndarray, count: int) -> list[np.ndarray]:

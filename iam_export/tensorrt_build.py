@@ -12,7 +12,6 @@ the FP16/INT8 builder flags are used only on TensorRT 10 with a weakly typed net
 from __future__ import annotations
 
 import importlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import onnx
 import onnx.numpy_helper
 
 from iam_runtime.bundle import DETECT_INPUTS, EngineSpec, load_bundle, save_manifest, sha256_file
+from iam_runtime.files import atomic_write_bytes
 
 
 class TensorRTUnavailable(RuntimeError):
@@ -173,9 +173,7 @@ def build_engine(trt, model: onnx.ModelProto, profiles: dict[str, list[list[int]
     if serialized is None:
         raise RuntimeError("TensorRT failed to build the engine (see its log above)")
     if cache is not None:
-        tmp = options.timing_cache.with_name(f".{options.timing_cache.name}.tmp")
-        tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
-        os.replace(tmp, options.timing_cache)
+        atomic_write_bytes(options.timing_cache, bytes(config.get_timing_cache().serialize()))
     return bytes(serialized)
 
 
@@ -223,9 +221,7 @@ def build_bundle_engines(bundle_dir: str | Path, options: BuildOptions, calib_im
         profiles = profiles_for(key, graph.inputs, options)
         blob = build_engine(trt, onnx.load(path), profiles, options)
         file = f"{key}.{precision}.sm{capability.replace('.', '')}.trt{trt.__version__}.engine"
-        tmp = bundle.root / f".{file}.tmp"
-        tmp.write_bytes(blob)
-        os.replace(tmp, bundle.root / file)
+        atomic_write_bytes(bundle.root / file, blob)
         engines.append(EngineSpec(key, file, sha256_file(bundle.root / file), gpu, capability, trt.__version__,
                                   precision, profiles))
     manifest.engines = [e for e in manifest.engines if (e.gpu, e.tensorrt_version) != (gpu, trt.__version__)] + engines

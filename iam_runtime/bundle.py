@@ -11,10 +11,11 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .files import atomic_write_text
 
 FORMAT = "iam-bundle"
 FORMAT_VERSION = 1
@@ -235,9 +236,7 @@ def sha256_file(path: str | Path) -> str:
 
 def save_manifest(directory: str | Path, manifest: Manifest) -> Path:
     path = Path(directory) / MANIFEST
-    tmp = path.with_name(f".{MANIFEST}.tmp")
-    tmp.write_text(manifest.to_json())
-    os.replace(tmp, path)
+    atomic_write_text(path, manifest.to_json())
     return path
 
 

@@ -8,6 +8,7 @@ with the reason.
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -39,6 +40,8 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 def decode_image(path: str | Path) -> np.ndarray:
     """File -> (H, W, 3) uint8 RGB, upright (EXIF orientation applied)."""
     path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise ImageError(f"dangling symbolic link (to {os.readlink(path)}, which does not exist)")
     try:
         if path.stat().st_size == 0:
             raise ImageError("empty file (0 bytes)")
@@ -80,9 +83,11 @@ def preprocess(rgb: np.ndarray, size: tuple[int, int] | list[int], mean, std) ->
 
 
 def list_images(root: str | Path) -> list[Path]:
-    """Image files under a folder, recursively, sorted (deterministic)."""
+    """Image files under a folder, recursively, sorted (deterministic). Symbolic links whose
+    target is missing are listed too, so that a run names them instead of passing over them."""
     root = Path(root)
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS
+                  and (p.is_file() or (p.is_symlink() and not p.exists())))
 
 
 def calibration_batches(folder: str | Path, manifest, limit: int = 64) -> list[np.ndarray]:

@@ -3,13 +3,14 @@ bit-for-bit resume needs (model, optimizer, scheduler, epoch, RNG states, config
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from iam_runtime.files import atomic_write
 
 FORMAT_VERSION = 1
 KINDS = ("iam-prm", "iam-filling")
@@ -38,13 +39,8 @@ def save_checkpoint(path: str | Path, kind: str, payload: dict[str, Any]) -> Non
     """torch.save to a temporary name in the same folder, fsync, then rename over ``path``."""
     if kind not in KINDS:
         raise ValueError(f"unknown checkpoint kind {kind!r}")
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
+    with atomic_write(path, "wb", sync=True) as f:
         torch.save({"iam_kind": kind, "format_version": FORMAT_VERSION, **payload}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def load_checkpoint(path: str | Path, kind: str) -> dict[str, Any]:

@@ -4,12 +4,13 @@ CLI flags, and saved resolved in the run directory."""
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
+
+from iam_runtime.files import atomic_write_text
 
 T = TypeVar("T")
 
@@ -94,7 +95,4 @@ def load_config(cls: type[T], path: str | Path | None = None, **overrides: Any) 
 
 
 def save_config(config: Any, path: str | Path) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
-    os.replace(tmp, path)
+    atomic_write_text(path, yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))

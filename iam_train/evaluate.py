@@ -16,10 +16,12 @@ Numpy + pycocotools only (no torch).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
+
+from iam_runtime.files import atomic_write_text
+from iam_runtime.masks import mask_ious
 
 PUBLISHED = {  # mAP^r@0.25, @0.5, @0.75, ABO on VOC 2012 val (SPEC section 5)
     "PRM (CVPR 2018)": (44.3, 26.8, 9.0, 37.6),
@@ -48,18 +50,6 @@ def average_precision(scores, positives, num_positives: int | None = None) -> fl
         prec[i] = max(prec[i], prec[i + 1])
     idx = np.flatnonzero(rec[1:] != rec[:-1])
     return float(((rec[idx + 1] - rec[idx]) * prec[idx + 1]).sum())
-
-
-def mask_ious(pred: np.ndarray, gt: np.ndarray, ignore: np.ndarray | None = None) -> np.ndarray:
-    """pred: (P, H, W) bool, gt: (G, H, W) bool -> (P, G) IoU over pixels outside ``ignore``."""
-    if ignore is not None:
-        valid = ~ignore
-        pred, gt = pred & valid, gt & valid
-    p = pred.reshape(len(pred), -1).astype(np.float64)
-    g = gt.reshape(len(gt), -1).astype(np.float64)
-    inter = p @ g.T
-    union = p.sum(1)[:, None] + g.sum(1)[None, :] - inter
-    return np.where(union > 0, inter / np.maximum(union, 1), 0.0)
 
 
 def evaluate(predictions: list[dict], ground_truth: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
@@ -169,9 +159,7 @@ def main(argv=None) -> None:
         report["split"], report["data"] = split, str(data)
         click.echo(format_table(report, thresholds))
         if out:
-            tmp = out.with_name(f".{out.name}.tmp")
-            tmp.write_text(json.dumps(report, indent=2))
-            os.replace(tmp, out)
+            atomic_write_text(out, json.dumps(report, indent=2))
             click.echo(f"wrote {out}")
 
     cli(args=argv)

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from iam_runtime.masks import mask_ious
+
 
 def _box_sum(x: Tensor, k: int, dim: int) -> Tensor:
     """Sums of k consecutive entries along ``dim`` (output shorter by k - 1)."""
@@ -43,14 +45,6 @@ def score_proposals(prm: Tensor, masks: Tensor, balance: float = 0.1, contour_wi
     return balance * inside + contour
 
 
-def mask_iou(a: Tensor, b: Tensor) -> Tensor:
-    """(N, H, W) x (M, H, W) bool -> (N, M) IoU."""
-    fa, fb = a.flatten(1).float(), b.flatten(1).float()
-    inter = fa @ fb.T
-    union = fa.sum(1)[:, None] + fb.sum(1)[None, :] - inter
-    return inter / union.clamp_min(1.0)
-
-
 def pseudo_targets(
     prm: Tensor,
     masks: Tensor,
@@ -72,7 +66,7 @@ def pseudo_targets(
     targets = []
     for row in best:
         candidates = masks[row]
-        iou = mask_iou(candidates, candidates)
+        iou = mask_ious(candidates.cpu().numpy(), candidates.cpu().numpy())
         kept = []
         for i in range(k):
             if all(iou[i, j] <= duplicate_iou for j in kept):

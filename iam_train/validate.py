@@ -9,6 +9,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from iam_runtime.masks import mask_ious
+
 from .data.datasets import FillingDataset
 from .models import InstanceExtentFilling, peak_input_coordinates
 
@@ -24,13 +26,7 @@ class InstanceQuality:
 
 
 def _best_iou(mask: np.ndarray, instances: list[np.ndarray], ignore: np.ndarray) -> float:
-    valid = ~ignore
-    best = 0.0
-    for inst in instances:
-        union = ((mask | inst) & valid).sum()
-        if union:
-            best = max(best, float(((mask & inst) & valid).sum() / union))
-    return best
+    return float(mask_ious(mask[None], np.stack(instances), ignore).max()) if instances else 0.0
 
 
 @torch.no_grad()

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from iam_train.evaluate import EvaluationError, average_precision, evaluate, main, mask_ious
+from iam_runtime.masks import mask_ious
+from iam_train.evaluate import EvaluationError, average_precision, evaluate, main
 
 CLASSES = ["circle", "square"]
 

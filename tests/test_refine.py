@@ -10,6 +10,7 @@ from PIL import Image
 
 from iam_runtime.bundle import CRFSpec
 from iam_runtime.images import resize_rgb
+from iam_runtime.masks import mask_iou
 from iam_runtime.refine import CRFSchedule, ImageCRF, crf_frame, dense_crf, refine_instances, resize_map
 
 
@@ -45,8 +46,6 @@ def test_threshold_refinement_needs_no_crf(photo_and_maps):
     assert masks.shape == (4, 150, 200) and 0 < masks.mean() < 0.5
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    return float((a & b).sum() / max((a | b).sum(), 1))
 
 
 def test_coarse_to_fine_crf_stays_close_to_full_resolution(photo_and_maps):
@@ -57,8 +56,8 @@ def test_coarse_to_fine_crf_stays_close_to_full_resolution(photo_and_maps):
     full = refine_instances(rgb, maps, "crf", crf)
     coarse_to_fine = refine_instances(rgb, maps, "crf", crf, schedule=CRFSchedule(max_side=100))
     coarse_only = refine_instances(rgb, maps, "crf", crf, schedule=CRFSchedule(max_side=100, full_iterations=0))
-    near = [_iou(a, b) for a, b in zip(full, coarse_to_fine)]
-    far = [_iou(a, b) for a, b in zip(full, coarse_only)]
+    near = [mask_iou(a, b) for a, b in zip(full, coarse_to_fine)]
+    far = [mask_iou(a, b) for a, b in zip(full, coarse_only)]
     assert min(near) >= 0.9 and np.mean(near) >= np.mean(far), (near, far)
     # every iteration at full resolution is the full-resolution CRF itself
     np.testing.assert_array_equal(refine_instances(rgb, maps, "crf", crf, schedule=CRFSchedule(100, 5)), full)
@@ -87,7 +86,7 @@ def test_crf_in_the_input_frame_is_the_reference_crf_brought_to_the_photo(photo_
     assert masks.shape == (4, 150, 200)
     for mask, ref in zip(masks, in_frame):
         scaled = np.asarray(Image.fromarray(ref).resize((200, 150), Image.NEAREST))
-        assert _iou(mask, scaled) > 0.9
+        assert mask_iou(mask, scaled) > 0.9
     big = np.asarray(Image.fromarray(rgb).resize((2000, 1500)))
     assert crf_frame(big, maps.shape[1:], crf)[0].shape == (112, 112, 3)
 

@@ -102,7 +102,9 @@ def _bad_folder(root: Path, good: list[Path]) -> dict[str, str]:
     (root / "truncated.jpg").write_bytes(data[: len(data) // 3])
     (root / "empty.jpg").write_bytes(b"")
     (root / "notes.jpg").write_text("this is not an image")
-    return {"truncated.jpg": "corrupt or truncated", "empty.jpg": "empty file", "notes.jpg": "not an image"}
+    (root / "gone.jpg").symlink_to(root / "moved-away.jpg")  # a dangling link is named, not passed over
+    return {"truncated.jpg": "corrupt or truncated", "empty.jpg": "empty file", "notes.jpg": "not an image",
+            "gone.jpg": "dangling symbolic link"}
 
 
 def test_bad_inputs_are_reported_and_the_rest_completes(trained_bundle, val_images, tmp_path):

@@ -10,10 +10,11 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import os
 from pathlib import Path
 
 import numpy as np
+
+from iam_runtime.files import atomic_write_text
 
 
 class ProposalError(ValueError):
@@ -56,7 +57,4 @@ def read_proposals(path: str | Path, limit: int | None = None) -> list[np.ndarra
 
 def write_proposals(path: str | Path, masks: list[np.ndarray]) -> None:
     """Write masks (best first) atomically in the reference format."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps([encode_mask(m) for m in masks]))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps([encode_mask(m) for m in masks]))

@@ -12,7 +12,6 @@ the right proposal is a real choice. Deterministic for a given seed.
 from __future__ import annotations
 
 import math
-import os
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from iam_runtime.files import atomic_write
 from iam_runtime.voc import IGNORE_LABEL, voc_palette
 
 from .proposals import write_proposals
@@ -194,9 +194,8 @@ def render_image(config: SynthConfig, index: int) -> SynthImage:
 def _save_png(path: Path, array: np.ndarray, palette: bytes) -> None:
     img = Image.fromarray(array, mode="P")
     img.putpalette(palette)
-    tmp = path.with_name(f".{path.name}.tmp")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_write(path) as f:
+        img.save(f, format="PNG")
 
 
 def _annotation_xml(image_id: str, size: int, instances: list[tuple[str, np.ndarray, bool]]) -> bytes:
@@ -244,9 +243,8 @@ def generate(out: str | Path, config: SynthConfig, progress: bool = True) -> Pat
     labels: dict[str, dict[str, int]] = {}
     for index, image_id in enumerate(tqdm(ids, desc="synthetic images", disable=not progress)):
         item = render_image(config, index)
-        tmp = dirs["JPEGImages"] / f".{image_id}.jpg.tmp"
-        Image.fromarray(item.image).save(tmp, format="JPEG", quality=92)
-        os.replace(tmp, dirs["JPEGImages"] / f"{image_id}.jpg")
+        with atomic_write(dirs["JPEGImages"] / f"{image_id}.jpg") as f:
+            Image.fromarray(item.image).save(f, format="JPEG", quality=92)
         (dirs["Annotations"] / f"{image_id}.xml").write_bytes(_annotation_xml(image_id, config.size, item.instances))
         _save_png(dirs["SegmentationObject"] / f"{image_id}.png", item.objects, palette)
         _save_png(dirs["SegmentationClass"] / f"{image_id}.png", item.classes, palette)
