@@ -36,7 +36,7 @@ from iam_runtime.masks import mask_iou
 from iam_runtime.pipeline import percentiles
 from iam_runtime.refine import CRFSchedule, dense_crf, resize_map
 from iam_runtime.voc import IMAGENET_MEAN, IMAGENET_STD
-from iam_train.checkpoint import save_checkpoint
+from iam_train.checkpoint import PRMMetadata, save_checkpoint
 from iam_train.models import InstanceExtentFilling, ResNetFCN, reference_peak_response_maps
 from iam_train.models.peaks import find_peaks
 
@@ -263,8 +263,7 @@ def main(backbone, image_size, num_peaks, batch_sizes, num_images, reference_ima
     # The same weights for every path: checkpoints -> bundle.
     ckpt = out / "checkpoints"
     ckpt.mkdir(exist_ok=True)
-    meta = {"classes": classes, "arch": backbone, "image_size": image_size, "upsample_factor": upsample,
-            "win_size": 3, "threshold_mode": "median"}
+    meta = PRMMetadata(tuple(classes), backbone, image_size, upsample, 3, "median").to_dict()
     save_checkpoint(ckpt / "prm.pt", "iam-prm", {"model": model.state_dict(), "epoch": 0, **meta})
     save_checkpoint(ckpt / "filling.pt", "iam-filling", {
         "model": filling.state_dict(), "epoch": 0, "prm_meta": meta,

@@ -30,7 +30,7 @@ from iam_runtime.bundle import (
     sha256_file,
 )
 from iam_runtime.voc import IMAGENET_MEAN, IMAGENET_STD, VOC_CLASSES
-from iam_train.checkpoint import load_checkpoint
+from iam_train.checkpoint import PRMMetadata, load_checkpoint
 from iam_train.models import (
     InstanceExtentFilling,
     ReferenceSettings,
@@ -115,17 +115,17 @@ def load_models(prm: str | Path, filling: str | Path, options: ExportOptions) ->
 
         backbone, meta = load_prm(prm)
         ckpt = load_checkpoint(Path(filling) / "best.pt" if Path(filling).is_dir() else filling, "iam-filling")
-        trained_on = ckpt["prm_meta"]["classes"]
-        if list(trained_on) != list(meta["classes"]):
-            raise ExportError(f"the filling checkpoint was trained with a PRM network of classes {trained_on}, "
-                              f"but {prm} has {meta['classes']}")
+        trained_on = PRMMetadata.from_dict(ckpt["prm_meta"], str(filling)).classes
+        if trained_on != meta.classes:
+            raise ExportError(f"the filling checkpoint was trained with a PRM network of classes {list(trained_on)}, "
+                              f"but {prm} has {list(meta.classes)}")
         fill = InstanceExtentFilling.from_architecture(backbone.feature_channels, ckpt["filling"], steps=options.steps)
         try:
             fill.load_state_dict(ckpt["model"])
         except RuntimeError as exc:
-            raise ExportError(f"the filling checkpoint does not fit the {meta['arch']} backbone: {exc}") from exc
-        models = LoadedModels(backbone, fill, list(meta["classes"]), meta["image_size"], meta["win_size"],
-                              meta["threshold_mode"], meta["upsample_factor"])
+            raise ExportError(f"the filling checkpoint does not fit the {meta.arch} backbone: {exc}") from exc
+        models = LoadedModels(backbone, fill, list(meta.classes), meta.image_size, meta.win_size,
+                              meta.threshold_mode, meta.upsample_factor)
         defaults = OWN_SELECTION
     models.class_threshold = _pick(options.class_threshold, defaults["class_threshold"])
     models.peak_threshold = _pick(options.peak_threshold, defaults["peak_threshold"])

@@ -3,7 +3,9 @@ bit-for-bit resume needs (model, optimizer, scheduler, epoch, RNG states, config
 
 from __future__ import annotations
 
+import dataclasses
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,29 @@ from iam_runtime.files import atomic_write
 
 FORMAT_VERSION = 1
 KINDS = ("iam-prm", "iam-filling")
+
+
+@dataclass(frozen=True)
+class PRMMetadata:
+    """What a PRM checkpoint says about its network, beside the weights: written by the PRM
+    trainer, read by the filling trainer and the exporter, copied into filling checkpoints."""
+
+    classes: tuple[str, ...]
+    arch: str
+    image_size: int
+    upsample_factor: int
+    win_size: int
+    threshold_mode: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "classes": list(self.classes)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "checkpoint") -> PRMMetadata:
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in data]
+        if missing:
+            raise CheckpointFileError(f"{where} lacks the PRM metadata {missing}")
+        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls)} | {"classes": tuple(data["classes"])})
 
 
 class CheckpointFileError(ValueError):

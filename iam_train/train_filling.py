@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .batchnorm import recalibrate_batchnorm
-from .checkpoint import load_checkpoint
+from .checkpoint import PRMMetadata, load_checkpoint
 from .config import FillingTrainConfig, save_config
 from .data.datasets import FillingDataset, FillingItem, collate_skip
 from .engine import (
@@ -34,24 +34,29 @@ from .pseudo_gt import pseudo_targets
 from .validate import instance_quality
 
 
-def load_prm(source: str | Path) -> tuple[ResNetFCN, dict]:
-    """A trained PRM network from a run directory (best.pt, else last.pt) or a checkpoint file.
-    Returns the model in eval mode and the checkpoint's metadata."""
+def prm_checkpoint_path(source: str | Path) -> Path:
+    """A PRM run directory (its best.pt, else last.pt) or a checkpoint file."""
     path = Path(source)
     if path.is_dir():
         path = path / "best.pt" if (path / "best.pt").is_file() else path / "last.pt"
+    return path
+
+
+def load_prm(source: str | Path) -> tuple[ResNetFCN, PRMMetadata]:
+    """A trained PRM network from a run directory or a checkpoint file (see
+    :func:`prm_checkpoint_path`): the model in eval mode and the checkpoint's metadata."""
+    path = prm_checkpoint_path(source)
     ckpt = load_checkpoint(path, "iam-prm")
-    model = ResNetFCN(ckpt["arch"], num_classes=len(ckpt["classes"]), weights=None)
+    meta = PRMMetadata.from_dict(ckpt, str(path))
+    model = ResNetFCN(meta.arch, num_classes=len(meta.classes), weights=None)
     model.load_state_dict(ckpt["model"])
-    meta = {k: ckpt[k] for k in ("classes", "arch", "image_size", "upsample_factor", "win_size", "threshold_mode")}
-    meta["path"] = str(path)
     return model.eval(), meta
 
 
-def select_peaks(crm: Tensor, labels: Tensor, meta: dict, limit: int) -> Tensor:
+def select_peaks(crm: Tensor, labels: Tensor, meta: PRMMetadata, limit: int) -> Tensor:
     """Peaks (P, 3) of one image's CRM (1, C, h, w) on classes the image is labelled with
     (present or difficult), highest first, at most ``limit``."""
-    found = find_peaks(crm, meta["win_size"], meta["threshold_mode"], 0.0, meta["upsample_factor"], 10 * limit + 10)
+    found = find_peaks(crm, meta.win_size, meta.threshold_mode, 0.0, meta.upsample_factor, 10 * limit + 10)
     coords = found.coords[0, : found.counts[0]]
     keep = labels.to(coords.device)[coords[:, 0]] >= 0
     return coords[keep][:limit]
@@ -60,9 +65,9 @@ def select_peaks(crm: Tensor, labels: Tensor, meta: dict, limit: int) -> Tensor:
 class PeakTeacher:
     """The frozen PRM network: features, peaks and peak response maps of images."""
 
-    def __init__(self, model: ResNetFCN, meta: dict):
+    def __init__(self, model: ResNetFCN, meta: PRMMetadata):
         self.model, self.meta = model, meta
-        self.backprop = PeakBackprop(model, meta["upsample_factor"])
+        self.backprop = PeakBackprop(model, meta.upsample_factor)
         for p in model.parameters():
             p.requires_grad_(False)
 
@@ -89,10 +94,10 @@ def train_filling(config: FillingTrainConfig, out: str | Path, resume: bool = Fa
     prm_model, meta = load_prm(config.prm)
     prm_model = prm_model.to(rt.device)
     teacher = PeakTeacher(prm_model, meta)
-    dataset = FillingDataset(config.data, config.split, meta["image_size"], config.max_proposals,
+    dataset = FillingDataset(config.data, config.split, meta.image_size, config.max_proposals,
                              config.min_area, config.max_area, flip=0.0, seed=config.seed)
-    if tuple(dataset.voc.classes) != tuple(meta["classes"]):
-        raise ValueError(f"the PRM network knows classes {meta['classes']}, the data has {dataset.voc.classes}")
+    if tuple(dataset.voc.classes) != meta.classes:
+        raise ValueError(f"the PRM network knows classes {list(meta.classes)}, the data has {dataset.voc.classes}")
     sampler = EpochSampler(len(dataset), config.seed, True, rt.rank, rt.world_size)
     loader = DataLoader(dataset, config.batch_size, sampler=sampler, num_workers=config.workers, collate_fn=collate_skip)
 
@@ -115,7 +120,7 @@ def train_filling(config: FillingTrainConfig, out: str | Path, resume: bool = Fa
     log = RunLog(out, rt.is_main)
     val_set = None
     if config.val_split:
-        val_set = FillingDataset(config.data, config.val_split, meta["image_size"], config.max_proposals,
+        val_set = FillingDataset(config.data, config.val_split, meta.image_size, config.max_proposals,
                                  config.min_area, config.max_area)
 
     def bn_forward(items):
@@ -126,7 +131,7 @@ def train_filling(config: FillingTrainConfig, out: str | Path, resume: bool = Fa
             return False
         model(prm, model.affinity_kernels(feats.c2, feats.c3, feats.c4)[owners])
 
-    summary: dict = {"run": str(out), "prm": meta["path"], "skipped_images": dataset.skipped, "rank": rt.rank}
+    summary: dict = {"run": str(out), "prm": str(prm_checkpoint_path(config.prm)), "skipped_images": dataset.skipped, "rank": rt.rank}
 
     for epoch in range(start_epoch, config.epochs):
         sampler.set_epoch(epoch)
@@ -180,7 +185,7 @@ def train_filling(config: FillingTrainConfig, out: str | Path, resume: bool = Fa
         is_best = metric > best
         best = max(best, metric)
         if rt.is_main:
-            save_training_state(out, "iam-filling", model, opt, sched, epoch + 1, best, config, is_best, prm_meta=meta,
+            save_training_state(out, "iam-filling", model, opt, sched, epoch + 1, best, config, is_best, prm_meta=meta.to_dict(),
                                 filling=model.architecture())
             log.epoch(row)
             tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .batchnorm import recalibrate_batchnorm
+from .checkpoint import PRMMetadata
 from .config import PRMTrainConfig, save_config
 from .data.datasets import ClassificationDataset, collate_skip
 from .engine import (
@@ -176,9 +177,9 @@ def train_prm(config: PRMTrainConfig, out: str | Path, resume: bool = False, pro
         best = max(best, metric)
         if rt.is_main:
             save_training_state(out, "iam-prm", model, opt, sched, epoch + 1, best, config, is_best,
-                                classes=list(classes), arch=config.backbone, image_size=config.image_size,
-                                upsample_factor=config.upsample_factor, win_size=config.win_size,
-                                threshold_mode=config.threshold_mode)
+                                **PRMMetadata(tuple(classes), config.backbone, config.image_size,
+                                              config.upsample_factor, config.win_size,
+                                              config.threshold_mode).to_dict())
             log.epoch(row)
             tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
         summary.update(row)

@@ -47,7 +47,7 @@ def instance_quality(teacher, filling: InstanceExtentFilling | None, data: Filli
         feats, prm, owners, peaks = teacher([item], peaks_per_image, device)
         if prm is None:
             continue
-        yx = peak_input_coordinates(peaks.cpu(), feats.crm.shape[-2:], teacher.meta["upsample_factor"])
+        yx = peak_input_coordinates(peaks.cpu(), feats.crm.shape[-2:], teacher.meta.upsample_factor)
         yx = yx * torch.tensor([size[0] / item.image.shape[1], size[1] / item.image.shape[2]])
         maps = [prm]
         if filling is not None:

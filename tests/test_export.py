@@ -18,7 +18,7 @@ from iam_export.rewrites import conv_transpose_as_conv
 from iam_export.tensorrt_build import inline_for_tensorrt, static_check
 from iam_export.verify import compare, compare_detect, format_table
 from iam_runtime.bundle import BundleError, load_bundle
-from iam_train.checkpoint import save_checkpoint
+from iam_train.checkpoint import PRMMetadata, save_checkpoint
 from iam_train.models import InstanceExtentFilling, ResNetFCN
 from iam_train.models.peaks import _find_peaks_impl, find_peaks_op
 
@@ -35,8 +35,7 @@ def write_checkpoints(root, classes=CLASSES, seed=0):
     randomise_batchnorm(backbone)
     filling = InstanceExtentFilling(backbone.feature_channels, channels=4, hidden=8, steps=4).eval()
     randomise_batchnorm(filling)
-    meta = {"classes": classes, "arch": "resnet18", "image_size": SIZE, "upsample_factor": 4, "win_size": 3,
-            "threshold_mode": "median"}
+    meta = PRMMetadata(tuple(classes), "resnet18", SIZE, 4, 3, "median").to_dict()
     prm = root / "prm.pt"
     save_checkpoint(prm, "iam-prm", {"model": backbone.state_dict(), "epoch": 1, **meta})
     fill = root / "filling.pt"

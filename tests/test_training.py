@@ -37,8 +37,11 @@ def test_prm_learns_and_peaks_localise(prm_run, synthetic):
     ckpt = load_checkpoint(prm_run / "last.pt", "iam-prm")
     assert ckpt["epoch"] == 6 and ckpt["classes"] == ["circle", "cross", "square", "triangle"]
     # Classification mAP on held-out images: chance is the positive rate (about 0.4 here).
-    rows = (prm_run / "metrics.csv").read_text().splitlines()
-    val_map = float(rows[-1].split(",")[-1])
+    import csv
+
+    rows = list(csv.DictReader((prm_run / "metrics.csv").open()))
+    val_map = float(rows[-1]["val_mAP"])
+    assert rows[-1]["val_skipped"] == "0"
     data = FillingDataset(synthetic, "val", 224)
     prevalence = float((data.labels == 1).mean())
     print(f"\nheld-out classification mAP {val_map:.3f} (chance about {prevalence:.3f})")
