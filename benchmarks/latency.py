@@ -3,7 +3,7 @@ and number of peaks per image (issue 6).
 
     python -m benchmarks.latency --backbone resnet50 --image-size 448 --peaks 5 --batch-sizes 1,4,8 --out bench/
 
-Paths: ``reference`` (SPEC's inference as the reference code does it: one image at a time, one
+Paths: ``reference`` (the method's inference as the reference code does it: one image at a time, one
 autograd backward per peak with the modified rule, the filling propagation as the reference's
 per-step unfold loop, one full-resolution dense CRF per instance), ``torch`` (our model in eager
 PyTorch: batched peak backprop, the propagation op), ``onnxruntime-cpu`` (the iam-infer

@@ -54,7 +54,7 @@ class ExportError(ValueError):
 @dataclass
 class ExportOptions:
     """What to export and with which semantics. The semantics fields left at None take the
-    checkpoints' own: for ``from_reference``, the reference's inference (SPEC.md section 7:
+    checkpoints' own: for ``from_reference``, the reference's inference (docs/method.md, section 7:
     class score >= -3, peak value > 30, every valid peak kept without NMS, batch-statistics
     filling); for our checkpoints, ours (0, -inf, NMS at 0.5, running statistics)."""
 

@@ -1,4 +1,4 @@
-"""From instance activation maps to masks (SPEC section 4): a 2-label dense CRF per instance
+"""From instance activation maps to masks (docs/method.md, section 4): a 2-label dense CRF per instance
 (unary -log([1 - p, p]), Gaussian and bilateral pairwise terms), or a plain threshold. Pure
 numpy + pydensecrf: runs in worker processes.
 

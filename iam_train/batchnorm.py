@@ -1,7 +1,7 @@
 """Re-estimating BatchNorm running statistics for the final weights ("precise BN").
 
 During training the running averages lag behind weights that move quickly, so inference with
-running statistics (which deployment needs: SPEC section 3) drifts from what the network
+running statistics (which deployment needs: docs/method.md, section 3) drifts from what the network
 learned. After each epoch the statistics are recomputed exactly as the average over a number of
 training batches, with the weights fixed."""
 

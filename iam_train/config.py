@@ -17,7 +17,7 @@ T = TypeVar("T")
 
 @dataclass
 class PRMTrainConfig:
-    """Classification/peak network (SPEC section 1; reference recipe)."""
+    """Classification/peak network (docs/method.md, section 1; reference recipe)."""
 
     data: str = ""
     split: str = "train"
@@ -45,7 +45,7 @@ class PRMTrainConfig:
 
 @dataclass
 class FillingTrainConfig:
-    """Instance extent filling network (SPEC section 3; reference recipe)."""
+    """Instance extent filling network (docs/method.md, section 3; reference recipe)."""
 
     data: str = ""
     split: str = "train"

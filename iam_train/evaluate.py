@@ -1,4 +1,4 @@
-"""``iam-eval``: instance segmentation metrics of the field on VOC-layout ground truth (SPEC §5).
+"""``iam-eval``: instance segmentation metrics of the field on VOC-layout ground truth (docs/method.md, section 5).
 
 * mAP^r at mask IoU thresholds (0.25, 0.5, 0.75 by default), as in the SDS evaluation that the
   PRM and IAM papers use: per class, predictions of all images ranked by score; each is a true
@@ -23,7 +23,7 @@ import numpy as np
 from iam_runtime.files import atomic_write_text
 from iam_runtime.masks import mask_ious
 
-PUBLISHED = {  # mAP^r@0.25, @0.5, @0.75, ABO on VOC 2012 val (SPEC section 5)
+PUBLISHED = {  # mAP^r@0.25, @0.5, @0.75, ABO on VOC 2012 val (docs/method.md, section 5)
     "PRM (CVPR 2018)": (44.3, 26.8, 9.0, 37.6),
     "IAM (CVPR 2019)": (45.9, 28.8, 11.9, 41.9),
 }

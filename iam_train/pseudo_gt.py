@@ -1,4 +1,4 @@
-"""Pseudo ground truth for the filling network from segment proposals (SPEC section 3).
+"""Pseudo ground truth for the filling network from segment proposals (docs/method.md, section 3).
 
 For each peak response map, every proposal is scored by
 ``balance * sum(PRM inside the mask) + sum(PRM on the mask's contour)``, where the contour is

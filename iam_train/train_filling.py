@@ -1,5 +1,5 @@
 """Stage 2: train the instance extent filling network on proposal pseudo ground truth, with the
-peak network frozen and its peak backprop in the batched form (SPEC section 3)."""
+peak network frozen and its peak backprop in the batched form (docs/method.md, section 3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Stage 1: train the classification/peak network from image-level labels (SPEC section 1)."""
+"""Stage 1: train the classification/peak network from image-level labels (docs/method.md, section 1)."""
 
 from __future__ import annotations
 

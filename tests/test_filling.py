@@ -1,4 +1,4 @@
-"""Instance extent filling: iam::propagate_affinity against a direct loop (SPEC section 3)."""
+"""Instance extent filling: iam::propagate_affinity against a direct loop (docs/method.md, section 3)."""
 
 from __future__ import annotations
 

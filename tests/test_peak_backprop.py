@@ -1,4 +1,4 @@
-"""The batched explicit peak backprop equals the autograd oracle, peak by peak (SPEC section 2)."""
+"""The batched explicit peak backprop equals the autograd oracle, peak by peak (docs/method.md, section 2)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""iam::find_peaks against a brute-force loop (SPEC section 1)."""
+"""iam::find_peaks against a brute-force loop (docs/method.md, section 1)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Proposal retrieval for the filling network's pseudo ground truth (SPEC section 3)."""
+"""Proposal retrieval for the filling network's pseudo ground truth (docs/method.md, section 3)."""
 
 from __future__ import annotations
 

@@ -61,7 +61,7 @@ def reference_prm_forward(s: dict, x: torch.Tensor):
 
 
 def reference_filling_forward(s: dict, prm, c2, c3, c4, steps, batch_stats=True, align_corners=True):
-    """The reference's filling inference written from its code (SPEC.md section 7): every
+    """The reference's filling inference written from its code (docs/method.md, section 7): every
     BatchNorm on batch statistics (the kernel branch over the image, the encoder and decoder
     over all the peaks), pyramid upsampling with align_corners=True, the unfold propagation."""
     def cbn(x, p, padding):

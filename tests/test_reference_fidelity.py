@@ -4,7 +4,7 @@
 The checkpoints are made here, as a new user's would look: ResNet-50 with random weights and one
 live class (the other classes' classifier biases about 1000 logits lower), and a random filling
 network. The yardstick is an oracle of the reference's inference written from our PyTorch modules
-in their reference form (SPEC.md section 7): one autograd backward per peak with the modified
+in their reference form (docs/method.md, section 7): one autograd backward per peak with the modified
 conv rule, every valid peak (class score >= -3, value > 30) in nonzero order, the filling network
 on batch statistics with all of an image's peaks together, a dense CRF per peak in the input
 frame."""

@@ -91,7 +91,7 @@ class FillingItem:
 
 class FillingDataset(_VOCBase):
     """Items: :class:`FillingItem` with the first ``max_proposals`` proposals whose area lies in
-    [min_area, max_area] of the image (SPEC section 3), or None when the image or its proposal
+    [min_area, max_area] of the image (docs/method.md, section 3), or None when the image or its proposal
     file cannot be read."""
 
     def __init__(self, root, split: str, image_size: int, max_proposals: int = 100,

@@ -1,4 +1,4 @@
-"""Segment proposals in the reference's format (SPEC section 6).
+"""Segment proposals in the reference's format (docs/method.md, section 6).
 
 ``ImageProposals/<id>.json`` is a JSON list, best first, of ``{"shape": [h, w], "data": b64}``
 where the base64 decodes to little-endian uint32 pairs (start, length) of the runs of 1s of the

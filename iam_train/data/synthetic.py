@@ -1,4 +1,4 @@
-"""A synthetic dataset in the exact VOC layout (SPEC section 6), for tests and the demo.
+"""A synthetic dataset in the exact VOC layout (docs/method.md, section 6), for tests and the demo.
 
 Each image holds 1-4 instances of shape classes (circle, cross, square, triangle) with
 class-typical but jittered colours and their own texture, on a textured background. Written:

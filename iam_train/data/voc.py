@@ -1,4 +1,4 @@
-"""Reading a PASCAL VOC 2012 layout (SPEC section 6): image ids, image-level labels,
+"""Reading a PASCAL VOC 2012 layout (docs/method.md, section 6): image ids, image-level labels,
 instance ground truth and proposals. Plain numpy + Pillow; the torch datasets build on it."""
 
 from __future__ import annotations

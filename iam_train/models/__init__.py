@@ -1,4 +1,4 @@
-"""IAM model parts, one module per idea (SPEC sections 1-3)."""
+"""IAM model parts, one module per idea (docs/method.md, sections 1-3)."""
 
 from .backbone import ARCHS, BackboneOutput, ResNetFCN
 from .filling import InstanceExtentFilling, propagate_affinity

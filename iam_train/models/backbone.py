@@ -1,4 +1,4 @@
-"""Fully convolutional ResNet classifier producing class response maps (SPEC section 1)."""
+"""Fully convolutional ResNet classifier producing class response maps (docs/method.md, section 1)."""
 
 from __future__ import annotations
 

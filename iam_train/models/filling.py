@@ -1,4 +1,4 @@
-"""Instance extent filling (IAM, SPEC section 3).
+"""Instance extent filling (IAM, docs/method.md, section 3).
 
 A feature pyramid over backbone features (c2, c3, c4) predicts, at every pixel of the
 stride-4 grid, D kernels of k x k affinity weights, each normalised to sum 1. The peak response

@@ -1,5 +1,5 @@
 """Peak backpropagation: from peaks on the class response maps to peak response maps
-(SPEC section 2), in two forms.
+(docs/method.md, section 2), in two forms.
 
 * :func:`reference_peak_response_maps` is the oracle: torch autograd through the network with
   every conv's backward replaced by the modified rule, one backward per peak, like the

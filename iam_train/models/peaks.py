@@ -1,4 +1,4 @@
-"""Peak finding on class response maps and peak-stimulated class scores (SPEC section 1).
+"""Peak finding on class response maps and peak-stimulated class scores (docs/method.md, section 1).
 
 ``iam::find_peaks`` is a ``torch.library`` custom op so that it keeps its name when exported
 (iam_export registers its ONNX translation). The implementation below is the reference

@@ -5,7 +5,7 @@ epoch, state_dict, error. The PRM state dict wraps a ResNet-50 FCN so that every
 ``0.``: ``res_block1`` = stem (conv1 at .0, bn1 at .1), ``res_block2..5`` = layer1..layer4 and
 ``classifier.0`` = the 1x1 conv. The filling state dict already uses our module names.
 
-The loaded models compute what the reference's inference computes with those weights (SPEC.md
+The loaded models compute what the reference's inference computes with those weights (docs/method.md,
 section 7, docs/reference.md): the filling network upsamples its pyramid with
 align_corners=True and normalises with batch statistics at inference.
 """
@@ -119,7 +119,7 @@ def load_reference_filling(
 @dataclass(frozen=True)
 class ReferenceSettings:
     """The settings of the reference's ``config.yml`` that change what its inference computes,
-    with its defaults (SPEC.md section 7). ``filter_type`` is "median", "mean", "max" or a
+    with its defaults (docs/method.md, section 7). ``filter_type`` is "median", "mean", "max" or a
     number (a constant peak threshold)."""
 
     image_size: int = 448
