@@ -2,9 +2,9 @@
 torch-free ``iam-infer`` pipeline (no torch imported, its own peak RSS), after a warm-up batch
 (copies of one image) that is not timed.
 
-    python -m benchmarks.runtime_path SPEC.json RESULT.json
+    python -m benchmarks.runtime_path PATH.json RESULT.json
 
-SPEC: {"bundle", "images", "warmup_image", "out", "backend": "onnxruntime" (with "providers") or
+PATH.json: {"bundle", "images", "warmup_image", "out", "backend": "onnxruntime" (with "providers") or
 "tensorrt" (the bundle's engines), "options": InferOptions fields}.
 """
 
@@ -48,6 +48,7 @@ def run_path(spec: dict) -> dict:
                          "crf": stage["refine"], "write": stage["write"]},
         "latency": {f"{k}_s": v for k, v in summary.latency_s.items()},
         "peak_rss_mb": {"self": own_peak_rss_mb()},
+        "busy": summary.busy, "refine_workers": summary.refine_workers,
         "engine": backend.describe(),
     }
 

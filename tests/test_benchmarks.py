@@ -22,6 +22,9 @@ def test_latency_benchmark_smoke(tmp_path):
         assert set(r["stage_mean_s"]) == {"decode", "detect", "segment", "crf", "write"}
         assert r["end_to_end_per_image_s"] > 0 and r["images_per_s"] > 0 and r["speedup"] > 0
     assert paths["reference"]["speedup"] == 1.0
+    for name in ("onnxruntime-cpu-b1", "onnxruntime-cpu-b2"):  # the overlap the pipeline got
+        assert 0 < paths[name]["busy"]["engine"] <= 1 and 0 < paths[name]["busy"]["refine"] <= 1
+    assert "Overlap of the iam-infer paths" in (tmp_path / "latency.md").read_text()
     for name in ("onnxruntime-cpu-b1", "onnxruntime-cpu-b2", "onnxruntime-cpu-b1-nocrf"):
         run_dir = tmp_path / "runs" / name
         # every image went through the pipeline (random weights may leave a mask empty after CRF)
@@ -44,3 +47,22 @@ def test_latency_benchmark_smoke(tmp_path):
     assert report["flops"]["detect_per_image"] > 0 and report["flops"]["segment_per_image"] > 0
     assert (tmp_path / "latency.md").read_text().count("|") > 20
     assert (tmp_path / "latency.png").stat().st_size > 1000
+
+
+def test_photos_come_from_an_option_or_the_environment(tmp_path, monkeypatch):
+    import numpy as np
+    import pytest
+    from PIL import Image
+
+    from benchmarks.latency.photos import PHOTOS_ENV, demo_photos
+
+    extra = tmp_path / "mine"
+    extra.mkdir()
+    Image.fromarray(np.full((40, 60, 3), 200, np.uint8)).save(extra / "flat.png")
+    paths = demo_photos(tmp_path / "a", 6, 64, extra)  # five of scikit-image's, then ours
+    assert len(paths) == 6 and Image.open(paths[5]).size == (60, 40)
+    monkeypatch.setenv(PHOTOS_ENV, str(extra))
+    assert Image.open(demo_photos(tmp_path / "b", 6, 64)[5]).size == (60, 40)
+    monkeypatch.setenv(PHOTOS_ENV, str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match="photo folder not found"):
+        demo_photos(tmp_path / "c", 2, 64)
