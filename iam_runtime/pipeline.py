@@ -270,13 +270,22 @@ def run(bundle: Bundle, backend, source: str | Path, out_dir: str | Path, option
             t0 = time.perf_counter()
             for image in batch:
                 image.entered = t0
-            found = segmenter.detect(np.stack([image.tensor for image in batch]))
+            try:
+                found = segmenter.detect(np.stack([image.tensor for image in batch]))
+            except Exception as exc:  # the engine refused this batch: its images fail, the run goes on
+                for image in batch:
+                    fail(image.item, "detect", exc)
+                continue
             summary.stage_seconds["detect"] += time.perf_counter() - t0
             for image, peaks in zip(batch, found):
                 image.peaks = peaks
                 warn_if_capped(peaks, image.item.file_name, segmenter.manifest.peaks.max_peaks)
                 t0 = time.perf_counter()
-                maps = segmenter.segment(image.tensor, peaks)
+                try:
+                    maps = segmenter.segment(image.tensor, peaks)
+                except Exception as exc:  # out of memory for this image's peaks, say
+                    fail(image.item, "segment", exc)
+                    continue
                 summary.stage_seconds["segment"] += time.perf_counter() - t0
                 image.tensor = None  # not needed past the engine
                 submit_refine(image, maps)

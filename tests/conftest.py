@@ -79,3 +79,12 @@ def trained_bundle(prm_run, filling_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("bundles") / "trained"
     export_bundle(prm_run, filling_run, out, ExportOptions(max_peaks=32), log=lambda *_: None)
     return out
+
+
+def copy_val_images(synthetic, folder, count: int):
+    """The first ``count`` held-out images of the synthetic dataset, copied into ``folder``."""
+    import shutil
+
+    for image_id in (synthetic / "ImageSets" / "Main" / "val.txt").read_text().split()[:count]:
+        shutil.copy(synthetic / "JPEGImages" / f"{image_id}.jpg", folder / f"{image_id}.jpg")
+    return folder

@@ -22,7 +22,7 @@ from iam_runtime.bundle import EngineSpec, load_bundle, save_manifest
 from iam_runtime.cli import main as infer_cli
 from iam_runtime.pipeline import InferOptions, run
 
-from .conftest import shared_path
+from .conftest import copy_val_images, shared_path
 
 pytestmark = pytest.mark.slow
 
@@ -34,10 +34,7 @@ def infer(*args: str) -> tuple[int, str]:
 
 @pytest.fixture(scope="module")
 def val_images(synthetic, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("val_images")
-    for image_id in (synthetic / "ImageSets" / "Main" / "val.txt").read_text().split()[:12]:
-        shutil.copy(synthetic / "JPEGImages" / f"{image_id}.jpg", folder / f"{image_id}.jpg")
-    return folder
+    return copy_val_images(synthetic, tmp_path_factory.mktemp("val_images"), 12)
 
 
 def _decode(rle) -> np.ndarray:

@@ -5,7 +5,6 @@ NMS and input checks."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -18,15 +17,14 @@ from iam_runtime.images import decode_image
 from iam_runtime.masks import mask_iou, mask_ious, nms
 from iam_runtime.pipeline import InferOptions, run
 
+from .conftest import copy_val_images
+
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def images(synthetic, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("segmenter_images")
-    for image_id in (synthetic / "ImageSets" / "Main" / "val.txt").read_text().split()[:6]:
-        shutil.copy(synthetic / "JPEGImages" / f"{image_id}.jpg", folder / f"{image_id}.jpg")
-    return folder
+    return copy_val_images(synthetic, tmp_path_factory.mktemp("segmenter_images"), 6)
 
 
 def _by_image(predictions: list[dict]) -> dict[str, list[tuple]]:
