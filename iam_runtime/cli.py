@@ -28,11 +28,11 @@ EXIT_OK, EXIT_IMAGES_FAILED, EXIT_INTERRUPTED = 0, 1, 130
 @click.option("--batch-size", default=4, show_default=True, help="Images per detect call.")
 @click.option("--refine", type=click.Choice(["crf", "threshold", "none"]), default="crf", show_default=True,
               help="crf: dense CRF per instance; threshold/none: activation map >= --mask-threshold.")
-@click.option("--crf-workers", default=0, show_default=True, help="Refinement processes (0: one per core).")
+@click.option("--crf-workers", default=0, show_default=True, help="Refinement processes (0: one per core; 1: refine in this process).")
 @click.option("--crf-max-side", default=0, show_default=True, type=click.IntRange(min=0),
-              help="Run the CRF's mean-field iterations on the image scaled to this longer side, e.g. 320, but "
+              help="Run the CRF's mean-field iterations on its frame scaled to this longer side, e.g. 320, but "
                    "for the last --crf-full-iterations (faster; masks close to, not equal to, the reference's). "
-                   "0: full resolution, as the reference.")
+                   "0: every iteration in the frame itself, as the reference.")
 @click.option("--crf-full-iterations", default=1, show_default=True, type=click.IntRange(min=0),
               help="With --crf-max-side: how many of the last iterations run at full resolution.")
 @click.option("--crf-frame", type=click.Choice(["input", "image"]), default=None,
