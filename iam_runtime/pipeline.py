@@ -152,6 +152,14 @@ def _inline(fn, *args) -> Future:
     return future
 
 
+class _StageError(Exception):
+    """A failure past the engine, with the stage it happened in."""
+
+    def __init__(self, stage: str, cause: BaseException):
+        super().__init__(f"{stage}: {cause}")
+        self.stage, self.cause = stage, cause
+
+
 @dataclass
 class _Image:
     """One image on its way through the stages."""
@@ -188,8 +196,8 @@ def run(bundle: Bundle, backend, source: str | Path, out_dir: str | Path, option
     pool = ProcessPoolExecutor(workers, mp_context=_worker_context()) if workers > 1 and todo else None
     decoder = ThreadPoolExecutor(max(1, options.decode_threads))
     writer = ThreadPoolExecutor(1)
-    refining: deque[tuple[_Image, Future]] = deque()  # bounded: 2 x workers
-    writing: deque[tuple[_Image, Future]] = deque()
+    # Images past the engine: each one's refine-then-write chain as one Future, at most 2 x workers.
+    in_flight: deque[tuple[_Image, Future]] = deque()
     latencies: list[float] = []
     bar = tqdm(total=len(todo), desc="images", unit="img", disable=not options.progress)
     classes = segmenter.classes
@@ -200,49 +208,67 @@ def run(bundle: Bundle, backend, source: str | Path, out_dir: str | Path, option
         summary.errors.append({"file": item.file_name, "stage": stage, "reason": reason})
         bar.update(1)
 
-    def write(image: _Image, masks: np.ndarray) -> int:
+    def write(image: _Image, masks: np.ndarray) -> tuple[int, float, float]:
+        """Writer thread: (instances, write seconds, when the outputs were complete)."""
         t0 = time.perf_counter()
         instances = segmenter.instances(image.peaks, masks)
         write_image_outputs(output_paths(out_dir, image.item.stem), image.rgb, instances, classes,
                             image.item.image_id, image.item.file_name, set(save))
-        summary.stage_seconds["write"] += time.perf_counter() - t0
-        return len(instances)
+        done = time.perf_counter()
+        return len(instances), done - t0, done
 
-    def finish_writes(limit: int) -> None:
-        while len(writing) > limit or (writing and writing[0][1].done()):
-            image, future = writing.popleft()
+    def chain(image: _Image, refined: Future) -> Future:
+        """The refinement's result handed to the writer as soon as it is there (not when the
+        engine next looks up): one Future for both, whose error says at which stage it failed."""
+        finished: Future = Future()
+
+        def on_written(written: Future) -> None:
+            if written.exception() is not None:
+                finished.set_exception(_StageError("write", written.exception()))
+            else:
+                finished.set_result((refined.result()[1], *written.result()))
+
+        def on_refined(_: Future) -> None:
+            if refined.cancelled():  # the run is being stopped
+                finished.cancel()
+                return
+            if refined.exception() is not None:
+                finished.set_exception(_StageError("refine", refined.exception()))
+                return
             try:
-                count = future.result()
-            except Exception as exc:  # this image's failure, not the run's
-                fail(image.item, "write", exc)
+                writer.submit(write, image, refined.result()[0]).add_done_callback(on_written)
+            except RuntimeError as exc:  # the writer is shut down: interrupted
+                finished.set_exception(_StageError("write", exc))
+
+        refined.add_done_callback(on_refined)
+        return finished
+
+    def collect(limit: int) -> None:
+        """Account for the finished images, waiting for the oldest while more than ``limit``."""
+        while len(in_flight) > limit or (in_flight and in_flight[0][1].done()):
+            image, future = in_flight.popleft()
+            try:
+                refine_s, count, write_s, done = future.result()
+            except _StageError as exc:  # this image's failure (a broken pool too), not the run's
+                fail(image.item, exc.stage, exc.cause)
                 continue
+            summary.stage_seconds["refine"] += refine_s
+            summary.stage_seconds["write"] += write_s
             summary.completed += 1
             summary.instances += count
             summary.images_without_instances += not count
-            latencies.append(time.perf_counter() - image.entered)
+            latencies.append(done - image.entered)
             bar.update(1)
-
-    def finish_refines(limit: int) -> None:
-        while len(refining) > limit or (refining and refining[0][1].done()):
-            image, future = refining.popleft()
-            try:
-                masks, seconds = future.result()
-            except Exception as exc:  # a worker failure (a broken pool too) fails this image only
-                fail(image.item, "refine", exc)
-                continue
-            summary.stage_seconds["refine"] += seconds
-            writing.append((image, writer.submit(write, image, masks)))
-        finish_writes(2 * workers)
 
     def submit_refine(image: _Image, maps: np.ndarray) -> None:
         try:
-            future = (pool.submit(_timed_refine, segmenter.refine_settings, image.rgb, maps) if pool is not None
-                      else _inline(_timed_refine, segmenter.refine_settings, image.rgb, maps))
+            refined = (pool.submit(_timed_refine, segmenter.refine_settings, image.rgb, maps) if pool is not None
+                       else _inline(_timed_refine, segmenter.refine_settings, image.rgb, maps))
         except Exception as exc:  # a broken pool: this image fails, as a worker failure would
-            future = Future()
-            future.set_exception(exc)
-        refining.append((image, future))
-        finish_refines(2 * workers)
+            refined = Future()
+            refined.set_exception(exc)
+        in_flight.append((image, chain(image, refined)))
+        collect(2 * workers)
 
     def decode(item: InputItem) -> tuple[_Image, float]:
         t0 = time.perf_counter()
@@ -289,8 +315,7 @@ def run(bundle: Bundle, backend, source: str | Path, out_dir: str | Path, option
                 summary.stage_seconds["segment"] += time.perf_counter() - t0
                 image.tensor = None  # not needed past the engine
                 submit_refine(image, maps)
-        finish_refines(0)
-        finish_writes(0)
+        collect(0)
     finally:
         bar.close()
         decoder.shutdown(wait=False, cancel_futures=True)
