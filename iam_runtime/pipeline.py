@@ -32,7 +32,7 @@ from .bundle import Bundle
 from .files import atomic_write_bytes, remove_temporaries
 from .images import IMAGE_EXTENSIONS, ImageError, decode_image, list_images
 from .outputs import is_complete, output_paths, write_image_outputs
-from .segmenter import ImagePeaks, PredictOptions, Segmenter, warn_if_capped
+from .segmenter import ImagePeaks, PredictOptions, Segmenter
 
 log = logging.getLogger(__name__)
 SAVE_CHOICES = ("masks", "overlays", "json")
@@ -76,6 +76,8 @@ class RunSummary:
     # refinement of the wall time times the workers
     busy: dict[str, float] = field(default_factory=dict)
     refine_workers: int = 1
+    # images on which a cap left valid peaks out: the detect graph's K outputs, --max-instances
+    capped: dict[str, int] = field(default_factory=dict)
     # seconds from an image's batch entering the engine to its outputs written: median, p90, p99
     latency_s: dict[str, float] = field(default_factory=dict)
     errors: list[dict[str, str]] = field(default_factory=list)
@@ -199,6 +201,7 @@ def run(bundle: Bundle, backend, source: str | Path, out_dir: str | Path, option
     # Images past the engine: each one's refine-then-write chain as one Future, at most 2 x workers.
     in_flight: deque[tuple[_Image, Future]] = deque()
     latencies: list[float] = []
+    capped: dict[str, list[str]] = {"detect_outputs_full": [], "max_instances": []}  # images where a cap cut peaks
     bar = tqdm(total=len(todo), desc="images", unit="img", disable=not options.progress)
     classes = segmenter.classes
 
@@ -305,7 +308,10 @@ def run(bundle: Bundle, backend, source: str | Path, out_dir: str | Path, option
             summary.stage_seconds["detect"] += time.perf_counter() - t0
             for image, peaks in zip(batch, found):
                 image.peaks = peaks
-                warn_if_capped(peaks, image.item.file_name, segmenter.manifest.peaks.max_peaks)
+                if peaks.detect_full:
+                    capped["detect_outputs_full"].append(image.item.file_name)
+                if len(peaks) < peaks.valid:
+                    capped["max_instances"].append(image.item.file_name)
                 t0 = time.perf_counter()
                 try:
                     maps = segmenter.segment(image.tensor, peaks)
@@ -323,6 +329,14 @@ def run(bundle: Bundle, backend, source: str | Path, out_dir: str | Path, option
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
     summary.seconds = time.perf_counter() - started
+    summary.capped = {k: len(v) for k, v in capped.items()}
+    if capped["detect_outputs_full"]:
+        log.warning("%d images (%s) had more valid peaks than the detect graph's %d outputs: the rest were not used "
+                    "(export with a larger --max-peaks)", len(capped["detect_outputs_full"]),
+                    ", ".join(capped["detect_outputs_full"][:3]), segmenter.manifest.peaks.max_peaks)
+    if capped["max_instances"] and options.max_instances is None:  # a limit the user set is no surprise
+        log.warning("%d images (%s) had more valid peaks than --max-instances %d", len(capped["max_instances"]),
+                    ", ".join(capped["max_instances"][:3]), segmenter.max_instances)
     if latencies:
         summary.latency_s = percentiles(latencies)
     summary.images_per_second = (summary.completed / summary.seconds) if summary.seconds else 0.0

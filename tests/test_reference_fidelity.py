@@ -179,3 +179,9 @@ def test_batch_statistics_bundle_segments_all_peaks_of_an_image_at_once(referenc
                                                        save=("masks", "json")))
         outs.append(json.loads((out / "predictions.json").read_text()))
     assert outs[0] == outs[1] and len(outs[0]) >= 4
+    # a cap that cuts valid peaks is counted in the summary (and said once, naming the images)
+    summary = run(bundle, backend, photos, tmp_path / "capped", InferOptions(max_instances=1, crf_workers=1,
+                                                                           progress=False, save=("json",)))
+    per_image = max(sum(p["file_name"] == name for p in outs[0]) for name in {p["file_name"] for p in outs[0]})
+    assert per_image > 1 and summary.capped["max_instances"] >= 1 and summary.capped["detect_outputs_full"] == 0
+    assert summary.instances == len({p["file_name"] for p in outs[0]})
