@@ -55,10 +55,18 @@ EXIT_OK, EXIT_IMAGES_FAILED, EXIT_INTERRUPTED = 0, 1, 130
                    "instance (default: the bundle's; reference: off).")
 @click.option("--save", default=",".join(SAVE_CHOICES), show_default=True, help="What to write.")
 @click.option("--resume", is_flag=True, help="Skip images whose outputs are complete.")
+@click.option("--ray", "use_ray", is_flag=True,
+              help="Run on Ray Data (a local Ray, or the cluster of --ray-address / $RAY_ADDRESS); OUT must be a path "
+                   "every node can write.")
+@click.option("--ray-address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray).")
+@click.option("--ray-engine-actors", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Engine actors (0: one per GPU of the cluster, else 1).")
+@click.option("--ray-crf-actors", default=0, show_default=True, type=click.IntRange(min=0),
+              help="CRF actors, a fixed pool (0: the cluster's CPUs not taken by engine actors).")
 @click.option("--no-progress", is_flag=True)
 def main(input_path, out, bundle, demo, backend, providers, tf32, batch_size, refine, crf_workers, crf_max_side,
          crf_full_iterations, crf_frame, crf_photo_max_side, max_instances, class_threshold, peak_threshold, mask_threshold,
-         nms_iou, save, resume, no_progress) -> None:
+         nms_iou, save, resume, use_ray, ray_address, ray_engine_actors, ray_crf_actors, no_progress) -> None:
     """Segment instances in INPUT (a folder, an image, or a .txt list of paths).
 
     Exit status: 0 when every image completed, 1 when some images could not be read or
@@ -83,7 +91,8 @@ def main(input_path, out, bundle, demo, backend, providers, tf32, batch_size, re
         raise click.ClickException(f"input not found: {input_path}")
     try:
         loaded = load_bundle(bundle)
-        engine = select_backend(loaded, backend, providers.split(",") if providers else None, tf32=tf32)
+        engine = None if use_ray else select_backend(loaded, backend, providers.split(",") if providers else None,
+                                                     tf32=tf32)
     except (BundleError, BackendError) as exc:
         raise click.ClickException(str(exc)) from exc
     options = InferOptions(batch_size=batch_size, refine=refine, crf_workers=crf_workers, crf_max_side=crf_max_side,
@@ -92,9 +101,21 @@ def main(input_path, out, bundle, demo, backend, providers, tf32, batch_size, re
                            class_threshold=class_threshold, peak_threshold=peak_threshold,
                            mask_threshold=mask_threshold, nms_iou=nms_iou, save=tuple(s for s in save.split(",") if s),
                            resume=resume, progress=not no_progress)
-    click.echo(f"{engine.describe()}; bundle {bundle} ({describe_semantics(loaded.manifest)})", err=True)
     try:
-        summary = run(loaded, engine, input_path, out, options)
+        if use_ray:
+            from .ray_pipeline import RayOptions, run_ray
+
+            click.echo(f"Ray Data; bundle {bundle} ({describe_semantics(loaded.manifest)})", err=True)
+            summary = run_ray(bundle, input_path, out, options, RayOptions(
+                ray_address, ray_engine_actors, ray_crf_actors, providers=tuple(providers.split(",")) if providers
+                else None, backend=backend))
+        else:
+            click.echo(f"{engine.describe()}; bundle {bundle} ({describe_semantics(loaded.manifest)})", err=True)
+            summary = run(loaded, engine, input_path, out, options)
+    except RuntimeError as exc:  # Ray missing or not reachable
+        if not use_ray:
+            raise
+        raise click.ClickException(str(exc)) from exc
     except KeyboardInterrupt:
         click.echo("interrupted: completed images are in place; run again with --resume to finish", err=True)
         sys.exit(EXIT_INTERRUPTED)
