@@ -126,6 +126,26 @@ def collect_inputs(source: str | Path) -> tuple[Path, list[InputItem]]:
     return root, items
 
 
+def prepare_run(source: str | Path, out_dir: Path, options: InferOptions,
+                summary: RunSummary) -> tuple[list[InputItem], list[InputItem], tuple[str, ...]]:
+    """What every runner does first: OUT made and cleared of an interrupted run's temporary
+    files, the inputs listed, the complete ones skipped on ``resume`` (counted in ``summary``).
+    Returns (all inputs, those to run, the outputs to save)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for sub in ("instances", "classes", "overlays", "records"):
+        remove_temporaries(out_dir / sub)
+    _, items = collect_inputs(source)
+    save = tuple(s for s in options.save if s in SAVE_CHOICES)
+    summary.images = len(items)
+    todo = []
+    for it in items:
+        if options.resume and is_complete(output_paths(out_dir, it.stem), set(save)):
+            summary.skipped_complete += 1
+        else:
+            todo.append(it)
+    return items, todo, save
+
+
 def _worker_context():
     """Workers must not be forked from this process: it holds onnxruntime (and maybe CUDA)
     state and threads, and a forked copy can deadlock on a lock or condition variable taken at
@@ -178,19 +198,9 @@ def run(bundle: Bundle, backend, source: str | Path, out_dir: str | Path, option
     from tqdm import tqdm
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for sub in ("instances", "classes", "overlays", "records"):
-        remove_temporaries(out_dir / sub)
     segmenter = Segmenter(bundle, backend, options)
-    _, items = collect_inputs(source)
-    summary = RunSummary(images=len(items), backend=backend.describe(), bundle=str(bundle.root))
-    save = tuple(s for s in options.save if s in SAVE_CHOICES)
-    todo = []
-    for it in items:
-        if options.resume and is_complete(output_paths(out_dir, it.stem), set(save)):
-            summary.skipped_complete += 1
-        else:
-            todo.append(it)
+    summary = RunSummary(backend=backend.describe(), bundle=str(bundle.root))
+    items, todo, save = prepare_run(source, out_dir, options, summary)
 
     started = time.perf_counter()
     workers = options.crf_workers or os.cpu_count() or 1

@@ -21,10 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .bundle import load_bundle
-from .files import remove_temporaries
 from .images import ImageError, decode_image
-from .outputs import is_complete, output_paths, write_image_outputs
-from .pipeline import SAVE_CHOICES, InferOptions, RunSummary, collect_inputs, percentiles, write_predictions
+from .outputs import output_paths, write_image_outputs
+from .pipeline import SAVE_CHOICES, InferOptions, RunSummary, percentiles, prepare_run, write_predictions
 from .segmenter import Segmenter
 
 RAY_EXTRA = "pip install -e '.[ray]' (ray[data])"
@@ -175,19 +174,9 @@ def run_ray(bundle_dir: str | Path, source: str | Path, out_dir: str | Path, opt
     """The local pipeline's job on Ray Data; returns the summary (also OUT/summary.json)."""
     ray_options = ray_options or RayOptions()
     out_dir = Path(out_dir).resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for sub in ("instances", "classes", "overlays", "records"):
-        remove_temporaries(out_dir / sub)
     bundle = load_bundle(bundle_dir)  # checked once here; the actors trust it
-    _, items = collect_inputs(source)
-    save = tuple(s for s in options.save if s in SAVE_CHOICES)
-    summary = RunSummary(images=len(items), bundle=str(bundle.root))
-    todo = []
-    for it in items:
-        if options.resume and is_complete(output_paths(out_dir, it.stem), set(save)):
-            summary.skipped_complete += 1
-        else:
-            todo.append(it)
+    summary = RunSummary(bundle=str(bundle.root))
+    items, todo, save = prepare_run(source, out_dir, options, summary)
     ray = _init_ray(ray_options.address)
     from ray.data import ActorPoolStrategy
 
