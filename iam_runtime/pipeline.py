@@ -32,7 +32,7 @@ from .bundle import Bundle
 from .files import atomic_write_bytes, remove_temporaries
 from .images import IMAGE_EXTENSIONS, ImageError, decode_image, list_images
 from .outputs import is_complete, output_paths, write_image_outputs
-from .segmenter import ImagePeaks, PredictOptions, Segmenter
+from .segmenter import CapReport, ImagePeaks, PredictOptions, Segmenter
 
 log = logging.getLogger(__name__)
 SAVE_CHOICES = ("masks", "overlays", "json")
@@ -146,6 +146,12 @@ def prepare_run(source: str | Path, out_dir: Path, options: InferOptions,
     return items, todo, save
 
 
+def failure_reason(exc: BaseException) -> str:
+    """What an image's failure says in the summary: an unreadable image's reason as it is, any
+    other error with its type."""
+    return str(exc) if isinstance(exc, ImageError) else f"{type(exc).__name__}: {exc}"
+
+
 def _worker_context():
     """Workers must not be forked from this process: it holds onnxruntime (and maybe CUDA)
     state and threads, and a forked copy can deadlock on a lock or condition variable taken at
@@ -211,14 +217,13 @@ def run(bundle: Bundle, backend, source: str | Path, out_dir: str | Path, option
     # Images past the engine: each one's refine-then-write chain as one Future, at most 2 x workers.
     in_flight: deque[tuple[_Image, Future]] = deque()
     latencies: list[float] = []
-    capped: dict[str, list[str]] = {"detect_outputs_full": [], "max_instances": []}  # images where a cap cut peaks
+    capped = CapReport()
     bar = tqdm(total=len(todo), desc="images", unit="img", disable=not options.progress)
     classes = segmenter.classes
 
     def fail(item: InputItem, stage: str, exc: BaseException) -> None:
         summary.failed += 1
-        reason = str(exc) if isinstance(exc, ImageError) else f"{type(exc).__name__}: {exc}"
-        summary.errors.append({"file": item.file_name, "stage": stage, "reason": reason})
+        summary.errors.append({"file": item.file_name, "stage": stage, "reason": failure_reason(exc)})
         bar.update(1)
 
     def write(image: _Image, masks: np.ndarray) -> tuple[int, float, float]:
@@ -318,10 +323,7 @@ def run(bundle: Bundle, backend, source: str | Path, out_dir: str | Path, option
             summary.stage_seconds["detect"] += time.perf_counter() - t0
             for image, peaks in zip(batch, found):
                 image.peaks = peaks
-                if peaks.detect_full:
-                    capped["detect_outputs_full"].append(image.item.file_name)
-                if len(peaks) < peaks.valid:
-                    capped["max_instances"].append(image.item.file_name)
+                capped.add(image.item.file_name, peaks)
                 t0 = time.perf_counter()
                 try:
                     maps = segmenter.segment(image.tensor, peaks)
@@ -339,14 +341,8 @@ def run(bundle: Bundle, backend, source: str | Path, out_dir: str | Path, option
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
     summary.seconds = time.perf_counter() - started
-    summary.capped = {k: len(v) for k, v in capped.items()}
-    if capped["detect_outputs_full"]:
-        log.warning("%d images (%s) had more valid peaks than the detect graph's %d outputs: the rest were not used "
-                    "(export with a larger --max-peaks)", len(capped["detect_outputs_full"]),
-                    ", ".join(capped["detect_outputs_full"][:3]), segmenter.manifest.peaks.max_peaks)
-    if capped["max_instances"] and options.max_instances is None:  # a limit the user set is no surprise
-        log.warning("%d images (%s) had more valid peaks than --max-instances %d", len(capped["max_instances"]),
-                    ", ".join(capped["max_instances"][:3]), segmenter.max_instances)
+    summary.capped = capped.counts()
+    capped.warn(segmenter.manifest.peaks.max_peaks, segmenter.max_instances, segmenter.user_max_instances)
     if latencies:
         summary.latency_s = percentiles(latencies)
     summary.images_per_second = (summary.completed / summary.seconds) if summary.seconds else 0.0

@@ -23,7 +23,15 @@ from pathlib import Path
 from .bundle import load_bundle
 from .images import ImageError, decode_image
 from .outputs import output_paths, write_image_outputs
-from .pipeline import SAVE_CHOICES, InferOptions, RunSummary, percentiles, prepare_run, write_predictions
+from .pipeline import (
+    SAVE_CHOICES,
+    InferOptions,
+    RunSummary,
+    failure_reason,
+    percentiles,
+    prepare_run,
+    write_predictions,
+)
 from .segmenter import Segmenter
 
 RAY_EXTRA = "pip install -e '.[ray]' (ray[data])"
@@ -40,8 +48,7 @@ class RayOptions:
 
 
 def _fail(row: dict, stage: str, exc: BaseException) -> dict:
-    reason = str(exc) if isinstance(exc, ImageError) else f"{type(exc).__name__}: {exc}"
-    return {**row, "payload": b"", "error": reason, "stage": stage}
+    return {**row, "payload": b"", "error": failure_reason(exc), "stage": stage}
 
 
 def _rows(batch: dict) -> list[dict]:
@@ -73,7 +80,7 @@ class EngineStage:
     def __init__(self, bundle_dir: str, options: InferOptions, ray_options: RayOptions, threads: int):
         from .backends import select_backend
 
-        bundle = load_bundle(bundle_dir)
+        bundle = load_bundle(bundle_dir, verify_checksums=False)  # checked once, by run_ray
         backend = select_backend(bundle, ray_options.backend, list(ray_options.providers or []) or None,
                                  threads=threads)
         self.segmenter = Segmenter(bundle, backend, options)
@@ -149,7 +156,7 @@ class WriteStage:
                     write_image_outputs(output_paths(self.out_dir, row["stem"]), payload["rgb"], instances,
                                         self.segmenter.classes, row["image_id"], row["file_name"], self.save)
                 except Exception as exc:
-                    result.update(error=f"{type(exc).__name__}: {exc}", stage="write")
+                    result.update(error=failure_reason(exc), stage="write")
                 else:
                     seconds = {k: payload[k] for k in ("decode_s", "detect_s", "segment_s", "refine_s")}
                     seconds.update(write_s=time.perf_counter() - t0, latency_s=time.time() - payload["entered"])

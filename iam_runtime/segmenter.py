@@ -101,6 +101,7 @@ class Segmenter:
         self.bundle, self.backend, self.manifest = bundle, backend, m
         pick = lambda value, default: default if value is None else value  # noqa: E731
         self.max_instances = pick(o.max_instances, m.peaks.max_peaks)
+        self.user_max_instances = o.max_instances is not None
         self.class_threshold = pick(o.class_threshold, m.peaks.class_threshold)
         self.peak_threshold = pick(o.peak_threshold, m.peaks.peak_threshold)
         self.nms_iou = pick(o.nms_iou, m.peaks.nms_iou)
@@ -193,17 +194,36 @@ class Segmenter:
                 raise ValueError(f"expected an (H, W, 3) uint8 RGB array, got {getattr(rgb, 'dtype', type(rgb))} "
                                  f"{getattr(rgb, 'shape', '')}")
         tensors = np.stack([self.preprocess(rgb) for rgb in images])
-        out = []
-        for rgb, tensor, peaks in zip(images, tensors, self.detect(tensors)):
-            warn_if_capped(peaks, "an image", self.manifest.peaks.max_peaks)
+        out, capped = [], CapReport()
+        for i, (rgb, tensor, peaks) in enumerate(zip(images, tensors, self.detect(tensors))):
+            capped.add(f"image {i}", peaks)
             out.append(self.instances(peaks, self.refine(rgb, self.segment(tensor, peaks))))
+        capped.warn(self.manifest.peaks.max_peaks, self.max_instances, self.user_max_instances)
         return out
 
 
-def warn_if_capped(peaks: ImagePeaks, name: str, detect_k: int) -> None:
-    """Say when a cap kept valid peaks out."""
-    if peaks.detect_full:
-        log.warning("%s: the detect graph's %d peak outputs are full; valid peaks beyond them are not used "
-                    "(export with a larger --max-peaks)", name, detect_k)
-    if len(peaks) < peaks.valid:
-        log.warning("%s: %d valid peaks, the %d highest segmented (--max-instances)", name, peaks.valid, len(peaks))
+@dataclass
+class CapReport:
+    """The images on which a cap left valid peaks out, said once (naming a few of them)."""
+
+    detect_outputs_full: list[str] = dataclasses.field(default_factory=list)  # the detect graph's K outputs
+    max_instances: list[str] = dataclasses.field(default_factory=list)
+
+    def add(self, name: str, peaks: ImagePeaks) -> None:
+        if peaks.detect_full:
+            self.detect_outputs_full.append(name)
+        if len(peaks) < peaks.valid:
+            self.max_instances.append(name)
+
+    def counts(self) -> dict[str, int]:
+        return {"detect_outputs_full": len(self.detect_outputs_full), "max_instances": len(self.max_instances)}
+
+    def warn(self, detect_k: int, max_instances: int, user_limit: bool) -> None:
+        """Log what the caps cut; a --max-instances the user set is no surprise, and not said."""
+        if self.detect_outputs_full:
+            log.warning("%d images (%s) had more valid peaks than the detect graph's %d outputs: the rest were not "
+                        "used (export with a larger --max-peaks)", len(self.detect_outputs_full),
+                        ", ".join(self.detect_outputs_full[:3]), detect_k)
+        if self.max_instances and not user_limit:
+            log.warning("%d images (%s) had more valid peaks than --max-instances %d", len(self.max_instances),
+                        ", ".join(self.max_instances[:3]), max_instances)
