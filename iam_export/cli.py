@@ -97,5 +97,22 @@ def export_tensorrt(bundle, fp16, int8, calib_images, workspace_gb, timing_cache
         click.echo(f"{e.graph}: {e.file} ({e.precision}, {e.gpu}, TensorRT {e.tensorrt_version})")
 
 
+@main.command("crf")
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--force", is_flag=True, help="Write the graph again where the bundle has one.")
+def export_crf(bundle, force) -> None:
+    """Add the dense CRF graph (iam-infer --crf-backend graph) to BUNDLE, made before it existed.
+    Without it the runtime builds the graph in memory at each start."""
+    from iam_runtime.bundle import BundleError
+
+    from .crf import add_crf_graph
+
+    try:
+        manifest = add_crf_graph(bundle, force)
+    except (BundleError, FileExistsError, PermissionError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"wrote {bundle / manifest.graphs['crf'].file} ({manifest.crf.iterations} mean-field iterations)")
+
+
 if __name__ == "__main__":
     main()

@@ -42,6 +42,7 @@ from iam_train.models import (
 from iam_train.models.peaks import map_threshold, upsample_crm
 
 from . import onnx_ops
+from .crf import CRF_GRAPH, write_crf_graph
 from .graphs import DetectGraph, SegmentGraph
 from .rewrites import conv_transpose_as_conv
 from .verify import ParityRow, compare, compare_detect, format_table, rows_as_dicts
@@ -146,7 +147,7 @@ def _pick(value, default):
 
 
 def _tensor_specs(values: list[onnx.ValueInfoProto]) -> list[TensorSpec]:
-    names = {1: "float32", 10: "float16", 7: "int64", 9: "bool"}
+    names = {1: "float32", 10: "float16", 7: "int64", 9: "bool", 2: "uint8"}
     out = []
     for v in values:
         t = v.type.tensor_type
@@ -267,6 +268,7 @@ def export_bundle(prm: str | Path, filling: str | Path, out: str | Path, options
             paths[key] = path
             specs[key] = GraphSpec(path.name, sha256_file(path), _tensor_specs(list(model.graph.input)),
                                    _tensor_specs(list(model.graph.output)), precision, options.opset)
+        specs[CRF_GRAPH] = write_crf_graph(tmp, CRFSpec().iterations)
         export_s = time.perf_counter() - started
         verification: dict = {"export_seconds": round(export_s, 2)}
         if options.verify:

@@ -18,7 +18,14 @@ from pathlib import Path
 import onnx
 import onnx.numpy_helper
 
-from iam_runtime.bundle import DETECT_INPUTS, EngineSpec, load_bundle, save_manifest, sha256_file
+from iam_runtime.bundle import (
+    DETECT_INPUTS,
+    REQUIRED_GRAPHS,
+    EngineSpec,
+    load_bundle,
+    save_manifest,
+    sha256_file,
+)
 from iam_runtime.files import atomic_write_bytes
 
 
@@ -206,7 +213,8 @@ def build_bundle_engines(bundle_dir: str | Path, options: BuildOptions, calib_im
     if options.int8 and calib_images is None:
         raise ValueError("--int8 needs --calib-images DIR (a folder of representative images)")
     engines = []
-    for key, graph in manifest.graphs.items():
+    for key in REQUIRED_GRAPHS:  # the network; the CRF graph stays on onnxruntime's CUDA provider (its
+        graph = manifest.graphs[key]  # scatter with reduction is nothing TensorRT takes)
         path = bundle.root / graph.file
         precision = graph.precision
         if options.int8 and key == "detect":

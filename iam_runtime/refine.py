@@ -1,6 +1,11 @@
 """From instance activation maps to masks (docs/method.md, section 4): a 2-label dense CRF per instance
-(unary -log([1 - p, p]), Gaussian and bilateral pairwise terms), or a plain threshold. Pure
-numpy + pydensecrf: runs in worker processes.
+(unary -log([1 - p, p]), Gaussian and bilateral pairwise terms), or a plain threshold.
+
+Two CRF backends compute it (:func:`crf_masks`): ``"pydensecrf"`` (the reference's library,
+permutohedral lattice, in worker processes) and ``"graph"`` (:mod:`iam_runtime.crf_graph`: the same
+mean-field as an ONNX graph on a bilateral grid, every instance of an image in one onnxruntime
+call, on the GPU where onnxruntime has CUDA). ``"auto"``: the graph where a CUDA provider runs
+it, pydensecrf on the CPU, where it is the faster (docs/crf.md).
 
 Where the CRF runs (``CRFSpec.frame``):
 
@@ -21,6 +26,29 @@ from PIL import Image
 
 from .bundle import CRF_FRAMES, CRFSpec
 from .images import resize_rgb
+
+CRF_BACKENDS = ("auto", "graph", "pydensecrf")
+
+
+def resolve_crf_backend(backend: str, providers: tuple[str, ...] = ()) -> str:
+    """"auto" -> "graph" where onnxruntime runs it on CUDA (among ``providers``, when given),
+    else "pydensecrf"; the others as they are."""
+    if backend not in CRF_BACKENDS:
+        raise ValueError(f"unknown CRF backend {backend!r}; choose one of {', '.join(CRF_BACKENDS)}")
+    if backend != "auto":
+        return backend
+    import onnxruntime as ort
+
+    cuda = "CUDAExecutionProvider" in ort.get_available_providers() and (
+        not providers or "CUDAExecutionProvider" in providers)
+    return "graph" if cuda else "pydensecrf"
+
+
+def crf_kernel(crf: CRFSpec, kernel_scale: float = 1.0) -> np.ndarray:
+    """The CRF graph's ``kernel`` input: (gaussian sxy, compat, bilateral sxy, srgb, compat),
+    spatial widths scaled as :class:`ImageCRF` scales them."""
+    return np.array([max(crf.gaussian_sxy * kernel_scale, 0.5), crf.gaussian_compat,
+                     crf.bilateral_sxy * kernel_scale, crf.bilateral_srgb, crf.bilateral_compat], np.float32)
 
 
 def resize_map(prob: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -121,6 +149,36 @@ class ImageCRF:
         return self.margin(prob) > 0
 
 
+def crf_margins(rgb: np.ndarray, probs: np.ndarray, crf: CRFSpec, backend: str = "pydensecrf",
+                schedule: CRFSchedule | None = None, kernel_scale: float = 1.0, graph=None) -> np.ndarray:
+    """rgb (H, W, 3) uint8, probs (K, H, W) foreground probabilities at the same size -> (K, H, W)
+    float32 q(foreground) - q(background) of the refined marginals (the mask is > 0). ``graph``: a
+    :class:`~iam_runtime.crf_graph.CRFGraph` for the graph backend (default: built in memory)."""
+    backend = resolve_crf_backend(backend)
+    if probs.shape[1:] != rgb.shape[:2]:
+        raise ValueError(f"probabilities of {probs.shape[1:]} for an image of {rgb.shape[:2]}")
+    if backend == "pydensecrf":
+        image_crf = ImageCRF(rgb, crf, schedule, kernel_scale)
+        return np.stack([image_crf.margin(p) for p in probs]) if len(probs) else np.zeros(probs.shape, np.float32)
+    if schedule is not None and schedule.max_side:
+        raise ValueError("the CRF graph runs in the frame itself: the coarse-to-fine schedule (--crf-max-side) is "
+                         "pydensecrf's; leave it at 0 or use --crf-backend pydensecrf")
+    if not len(probs):
+        return np.zeros(probs.shape, np.float32)
+    if graph is None:
+        from .crf_graph import crf_graph
+
+        graph = crf_graph(None, crf.iterations)
+    return 2 * graph.foreground(rgb, probs, crf_kernel(crf, kernel_scale)) - 1
+
+
+def crf_masks(rgb: np.ndarray, probs: np.ndarray, crf: CRFSpec | None = None, backend: str = "auto") -> np.ndarray:
+    """rgb (H, W, 3) uint8, probs (K, H, W) float foreground probabilities -> (K, H, W) bool
+    masks: the dense CRF of every instance of the image (``crf``: the reference's kernels by
+    default), by ``backend`` (see the module docstring)."""
+    return crf_margins(rgb, np.asarray(probs, np.float32), crf or CRFSpec(), backend) > 0
+
+
 def dense_crf(rgb: np.ndarray, prob: np.ndarray, crf: CRFSpec, schedule: CRFSchedule | None = None) -> np.ndarray:
     """rgb: (H, W, 3) uint8; prob: (H, W) foreground probability -> (H, W) bool mask: one
     instance's CRF at the image's resolution, built for it alone (as the reference does); see
@@ -146,11 +204,12 @@ def crf_frame(rgb: np.ndarray, maps_size: tuple[int, int], crf: CRFSpec,
 
 
 def refine_instances(rgb: np.ndarray, maps: np.ndarray, method: str, crf: CRFSpec,
-                     threshold: float = 0.5, schedule: CRFSchedule | None = None) -> np.ndarray:
+                     threshold: float = 0.5, schedule: CRFSchedule | None = None, backend: str = "pydensecrf",
+                     graph=None) -> np.ndarray:
     """rgb: (H, W, 3) photo; maps: (N, h, w) activation maps in [0, 1] at the network's input
     resolution -> (N, H, W) bool masks at the photo's resolution. ``method`` "crf" runs the
-    dense CRF in ``crf.frame``; any other ("threshold", "none") keeps the pixels whose map,
-    resized to the photo, is >= ``threshold``."""
+    dense CRF in ``crf.frame`` with ``backend`` (see :func:`crf_margins`); any other
+    ("threshold", "none") keeps the pixels whose map, resized to the photo, is >= ``threshold``."""
     size = rgb.shape[:2]
     masks = np.zeros((len(maps), *size), dtype=bool)
     if method != "crf":
@@ -160,8 +219,8 @@ def refine_instances(rgb: np.ndarray, maps: np.ndarray, method: str, crf: CRFSpe
     if not len(maps):
         return masks
     frame, kernel_scale = crf_frame(rgb, maps.shape[1:], crf, schedule)
-    image_crf = ImageCRF(frame, crf, schedule, kernel_scale)
-    for i, m in enumerate(maps):
-        margin = image_crf.margin(resize_map(m, frame.shape[:2]))
+    probs = np.stack([resize_map(m, frame.shape[:2]) for m in maps])
+    margins = crf_margins(frame, probs, crf, backend, schedule, kernel_scale, graph)
+    for i, margin in enumerate(margins):
         masks[i] = resize_map(margin, size) > 0
     return masks

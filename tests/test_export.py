@@ -57,8 +57,8 @@ def test_bundle_manifest_and_parity(bundle):
     m = b.manifest
     assert m.classes == CLASSES and m.input.size == [SIZE, SIZE]
     assert m.peaks.upsample_factor == 4 and m.filling.steps == 4
-    assert {g: [t.name for t in s.inputs] for g, s in m.graphs.items()} == {"detect": ["images"],
-                                                                            "segment": ["image", "peaks"]}
+    assert {g: [t.name for t in s.inputs] for g, s in m.graphs.items()} == {
+        "detect": ["images"], "segment": ["image", "peaks"], "crf": ["rgb", "probs", "kernel"]}
     assert m.graphs["detect"].inputs[0].shape == ["batch", 3, SIZE, SIZE]
     assert m.graphs["segment"].inputs[1].shape == ["peaks", 3]
     assert {"torch", "onnx", "onnxruntime", "iam"} <= set(m.producer)
@@ -67,6 +67,37 @@ def test_bundle_manifest_and_parity(bundle):
     # dynamic batch 1 and 3, dynamic peak count 1 and 7; peak coordinates identical
     assert {r["graph"] for r in rows} == {"detect/1", "detect/3", "segment/1", "segment/7"}
     assert all(r["max_abs"] == 0 for r in rows if r["output"] in ("peak_coords", "peak_counts"))
+
+
+def test_crf_graph_in_the_bundle_and_added_to_an_old_one(bundle, tmp_path):
+    """Every bundle carries the CRF graph (issue 16); one made before it gets it from
+    ``iam-export crf``, and without it the runtime builds the same graph in memory."""
+    import shutil
+
+    from iam_runtime.crf_graph import CRFGraph
+    from iam_runtime.refine import crf_kernel
+
+    b = load_bundle(bundle)
+    assert [t.dtype for t in b.manifest.graphs["crf"].inputs] == ["uint8", "float32", "float32"]
+    old = tmp_path / "old"
+    shutil.copytree(bundle, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["graphs"]["crf"]
+    (old / "crf.onnx").unlink()
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    assert "crf" not in load_bundle(old).manifest.graphs
+    result = CliRunner().invoke(export_cli, ["crf", str(old)])
+    assert result.exit_code == 0 and "5 mean-field iterations" in result.output, result.output
+    assert load_bundle(old).manifest.graphs["crf"].sha256 == b.manifest.graphs["crf"].sha256
+    again = CliRunner().invoke(export_cli, ["crf", str(old)])
+    assert again.exit_code != 0 and "has a CRF graph already" in again.output
+    rng = np.random.default_rng(0)
+    rgb, probs = rng.integers(0, 256, (24, 32, 3), dtype=np.uint8), rng.random((2, 24, 32), dtype=np.float32)
+    in_bundle = CRFGraph(str(old / "crf.onnx"), 5).foreground(rgb, probs, crf_kernel(b.manifest.crf))
+    in_memory = CRFGraph(None, 5).foreground(rgb, probs, crf_kernel(b.manifest.crf))
+    np.testing.assert_array_equal(in_bundle, in_memory)
+    with pytest.raises(ValueError, match="runs 5 mean-field iterations, the run asks for 3"):
+        CRFGraph(str(old / "crf.onnx"), 3)
 
 
 def test_graphs_hold_iam_nodes_with_function_definitions(bundle):
