@@ -11,6 +11,7 @@ import click
 from .backends import BackendError, select_backend
 from .bundle import BundleError, describe_semantics, load_bundle
 from .pipeline import SAVE_CHOICES, InferOptions, run
+from .refine import resolve_crf_backend
 
 EXIT_OK, EXIT_IMAGES_FAILED, EXIT_INTERRUPTED = 0, 1, 130
 
@@ -28,7 +29,13 @@ EXIT_OK, EXIT_IMAGES_FAILED, EXIT_INTERRUPTED = 0, 1, 130
 @click.option("--batch-size", default=4, show_default=True, help="Images per detect call.")
 @click.option("--refine", type=click.Choice(["crf", "threshold", "none"]), default="crf", show_default=True,
               help="crf: dense CRF per instance; threshold/none: activation map >= --mask-threshold.")
-@click.option("--crf-workers", default=0, show_default=True, help="Refinement processes (0: one per core; 1: refine in this process).")
+@click.option("--crf-backend", type=click.Choice(["auto", "graph", "pydensecrf"]), default="auto", show_default=True,
+              help="graph: the CRF as an ONNX graph (bilateral grid; every instance of an image in one onnxruntime "
+                   "call, on CUDA where onnxruntime has it); pydensecrf: the reference's library in worker "
+                   "processes; auto: the graph where CUDA runs it, else pydensecrf (the faster on the CPU).")
+@click.option("--crf-workers", default=0, show_default=True,
+              help="Refinement processes (0: one per core; 1: refine in this process); with the CRF graph, threads "
+                   "sharing its session (0: 1).")
 @click.option("--crf-max-side", default=0, show_default=True, type=click.IntRange(min=0),
               help="Run the CRF's mean-field iterations on its frame scaled to this longer side, e.g. 320, but "
                    "for the last --crf-full-iterations (faster; masks close to, not equal to, the reference's). "
@@ -64,7 +71,7 @@ EXIT_OK, EXIT_IMAGES_FAILED, EXIT_INTERRUPTED = 0, 1, 130
 @click.option("--ray-crf-actors", default=0, show_default=True, type=click.IntRange(min=0),
               help="CRF actors, a fixed pool (0: the cluster's CPUs not taken by engine actors).")
 @click.option("--no-progress", is_flag=True)
-def main(input_path, out, bundle, demo, backend, providers, tf32, batch_size, refine, crf_workers, crf_max_side,
+def main(input_path, out, bundle, demo, backend, providers, tf32, batch_size, refine, crf_backend, crf_workers, crf_max_side,
          crf_full_iterations, crf_frame, crf_photo_max_side, max_instances, class_threshold, peak_threshold, mask_threshold,
          nms_iou, save, resume, use_ray, ray_address, ray_engine_actors, ray_crf_actors, no_progress) -> None:
     """Segment instances in INPUT (a folder, an image, or a .txt list of paths).
@@ -89,13 +96,18 @@ def main(input_path, out, bundle, demo, backend, providers, tf32, batch_size, re
         raise click.BadParameter(f"unknown {unknown}; choose from {', '.join(SAVE_CHOICES)}", param_hint="--save")
     if not input_path.exists():
         raise click.ClickException(f"input not found: {input_path}")
+    if refine == "crf" and crf_max_side and resolve_crf_backend(crf_backend, tuple(providers.split(",")) if providers
+                                                                else ()) == "graph":
+        raise click.BadParameter("the CRF graph runs in the frame itself: the coarse-to-fine schedule is pydensecrf's "
+                                 "(add --crf-backend pydensecrf, or leave --crf-max-side at 0)",
+                                 param_hint="--crf-max-side")
     try:
         loaded = load_bundle(bundle)
         engine = None if use_ray else select_backend(loaded, backend, providers.split(",") if providers else None,
                                                      tf32=tf32)
     except (BundleError, BackendError) as exc:
         raise click.ClickException(str(exc)) from exc
-    options = InferOptions(batch_size=batch_size, refine=refine, crf_workers=crf_workers, crf_max_side=crf_max_side,
+    options = InferOptions(batch_size=batch_size, refine=refine, crf_backend=crf_backend, crf_workers=crf_workers, crf_max_side=crf_max_side,
                            crf_full_iterations=crf_full_iterations, crf_frame=crf_frame,
                            crf_photo_max_side=crf_photo_max_side, max_instances=max_instances,
                            class_threshold=class_threshold, peak_threshold=peak_threshold,
@@ -110,7 +122,9 @@ def main(input_path, out, bundle, demo, backend, providers, tf32, batch_size, re
                 ray_address, ray_engine_actors, ray_crf_actors, providers=tuple(providers.split(",")) if providers
                 else None, backend=backend))
         else:
-            click.echo(f"{engine.describe()}; bundle {bundle} ({describe_semantics(loaded.manifest)})", err=True)
+            refinement = f"CRF: {resolve_crf_backend(crf_backend)}" if refine == "crf" else f"refine: {refine}"
+            click.echo(f"{engine.describe()}; {refinement}; bundle {bundle} ({describe_semantics(loaded.manifest)})",
+                       err=True)
             summary = run(loaded, engine, input_path, out, options)
     except RuntimeError as exc:  # Ray missing or not reachable
         if not use_ray:
@@ -126,6 +140,7 @@ def main(input_path, out, bundle, demo, backend, providers, tf32, batch_size, re
                    f"of {summary.refine_workers} worker(s)", err=True)
     for err in summary.errors:
         click.echo(f"  failed: {err['file']} ({err['stage']}): {err['reason']}", err=True)
+    click.echo(f"results at a glance: {(out / 'index.html').resolve()}")
     click.echo(f"overlays in {out / 'overlays'}, predictions in {out / 'predictions.json'}")
     sys.exit(EXIT_IMAGES_FAILED if summary.failed else EXIT_OK)
 

@@ -1,5 +1,6 @@
 """Writing results: instance and class label PNGs (VOC palette, input size), overlay JPEGs and
-COCO-style records (RLE via pycocotools). Every file is written to a temporary name and renamed,
+COCO-style records (RLE via pycocotools; score: a confidence in [0, 1], the raw peak value and
+class score beside it). Every file is written to a temporary name and renamed,
 so an interrupted run never leaves a file that looks complete."""
 
 from __future__ import annotations
@@ -9,9 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from .files import atomic_write, atomic_write_bytes
+from .overlays import overlay
 from .segmenter import Instance
 from .voc import IGNORE_LABEL, voc_palette
 
@@ -40,31 +42,6 @@ def save_label_png(path: Path, labels: np.ndarray) -> None:
     _save_image(path, img, format="PNG")
 
 
-def _colour(k: int) -> np.ndarray:
-    """VOC palette colour of instance k (1-based), skipping black and the 255 entry."""
-    return _PALETTE[k % 255 or 1]
-
-
-def overlay(rgb: np.ndarray, instances: list[Instance], classes: list[str]) -> Image.Image:
-    """The image with translucent instance masks, outlines, class names and scores."""
-    out = rgb.astype(np.float32).copy()
-    for k, ins in enumerate(instances, 1):
-        colour = _colour(k).astype(np.float32)
-        out[ins.mask] = 0.45 * out[ins.mask] + 0.55 * colour
-    img = Image.fromarray(out.clip(0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(img)
-    for k, ins in enumerate(instances, 1):
-        ys, xs = np.nonzero(ins.mask)
-        if len(xs) == 0:
-            continue
-        colour = tuple(int(c) for c in _colour(k))
-        draw.rectangle([xs.min(), ys.min(), xs.max(), ys.max()], outline=colour, width=max(1, rgb.shape[1] // 300))
-        label = f"{classes[ins.class_index]} {ins.score:.2f}"
-        draw.text((int(xs.min()) + 2, int(ys.min()) + 1), label, fill=(255, 255, 255), stroke_width=2,
-                  stroke_fill=(0, 0, 0))
-    return img
-
-
 def coco_records(instances: list[Instance], image_id: str, file_name: str, classes: list[str]) -> list[dict]:
     from pycocotools import mask as mask_utils
 
@@ -74,8 +51,9 @@ def coco_records(instances: list[Instance], image_id: str, file_name: str, class
         rle["counts"] = rle["counts"].decode("ascii")
         records.append({
             "image_id": image_id, "file_name": file_name, "category_id": ins.class_index + 1,
-            "category_name": classes[ins.class_index], "score": round(float(ins.score), 6),
-            "class_score": round(float(ins.class_score), 6), "segmentation": rle,
+            "category_name": classes[ins.class_index], "score": round(ins.score, 6),
+            "peak_value": round(float(ins.peak_value), 6), "class_score": round(float(ins.class_score), 6),
+            "segmentation": rle,
             "bbox": [round(float(v), 2) for v in mask_utils.toBbox(rle)], "area": int(ins.mask.sum()),
             "peak": [int(ins.peak[0]), int(ins.peak[1])],
         })
@@ -103,7 +81,7 @@ def write_image_outputs(paths: OutputPaths, rgb: np.ndarray, instances: list[Ins
         save_label_png(paths.instances, inst)
         save_label_png(paths.classes, cls)
     if "overlays" in save:
-        _save_image(paths.overlay, overlay(rgb, instances, classes), format="JPEG", quality=90)
+        _save_image(paths.overlay, overlay(rgb, instances), format="JPEG", quality=90)
     records = coco_records(instances, image_id, file_name, classes)
     record = {"image_id": image_id, "file_name": file_name, "height": size[0], "width": size[1],
               "instances": records, "saved": sorted(save)}

@@ -32,6 +32,7 @@ from .bundle import Bundle
 from .files import atomic_write_bytes, remove_temporaries
 from .images import IMAGE_EXTENSIONS, ImageError, decode_image, list_images
 from .outputs import is_complete, output_paths, write_image_outputs
+from .report import index_entry, write_index
 from .segmenter import CapReport, ImagePeaks, PredictOptions, Segmenter
 
 log = logging.getLogger(__name__)
@@ -209,9 +210,14 @@ def run(bundle: Bundle, backend, source: str | Path, out_dir: str | Path, option
     items, todo, save = prepare_run(source, out_dir, options, summary)
 
     started = time.perf_counter()
-    workers = options.crf_workers or os.cpu_count() or 1
+    settings = segmenter.refine_settings
+    if settings.in_process:  # the CRF graph: threads sharing its onnxruntime session
+        workers = options.crf_workers or 1
+        pool = ThreadPoolExecutor(workers) if todo else None
+    else:
+        workers = options.crf_workers or os.cpu_count() or 1
+        pool = ProcessPoolExecutor(workers, mp_context=_worker_context()) if workers > 1 and todo else None
     summary.refine_workers = workers
-    pool = ProcessPoolExecutor(workers, mp_context=_worker_context()) if workers > 1 and todo else None
     decoder = ThreadPoolExecutor(max(1, options.decode_threads))
     writer = ThreadPoolExecutor(1)
     # Images past the engine: each one's refine-then-write chain as one Future, at most 2 x workers.
@@ -356,12 +362,17 @@ def run(bundle: Bundle, backend, source: str | Path, out_dir: str | Path, option
 
 def write_predictions(out_dir: Path, items: list[InputItem], summary: RunSummary, save: tuple[str, ...]) -> None:
     """predictions.json (COCO results: a list of instances) over every complete image of the
-    input, and summary.json."""
-    predictions = []
+    input, summary.json, and index.html (the run at a glance)."""
+    predictions, entries = [], []
     for it in items:
-        record = output_paths(out_dir, it.stem).record
-        if record.is_file():
-            predictions.extend(json.loads(record.read_text())["instances"])
+        paths = output_paths(out_dir, it.stem)
+        if paths.record.is_file():
+            record = json.loads(paths.record.read_text())
+            predictions.extend(record["instances"])
+            shown = paths.overlay if "overlays" in record.get("saved", ()) and paths.overlay.is_file() else None
+            entries.append(index_entry(record, shown, out_dir))
     if "json" in save:
         atomic_write_bytes(out_dir / "predictions.json", json.dumps(predictions).encode())
-    atomic_write_bytes(out_dir / "summary.json", json.dumps(asdict(summary), indent=2).encode())
+    summary_dict = asdict(summary)
+    atomic_write_bytes(out_dir / "summary.json", json.dumps(summary_dict, indent=2).encode())
+    write_index(out_dir, summary_dict, entries)

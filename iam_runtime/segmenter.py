@@ -25,7 +25,7 @@ from .bundle import Bundle, CRFSpec, load_bundle
 from .images import preprocess
 from .masks import nms
 from .peaks import peak_input_coordinates, select_peaks
-from .refine import CRFSchedule, refine_instances
+from .refine import CRFSchedule, refine_instances, resolve_crf_backend
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +36,24 @@ class Instance:
 
     class_index: int  # 0-based into the bundle's classes
     class_name: str
-    score: float  # the peak's value on the class response map
-    class_score: float  # the image-level class score (logit)
+    peak_value: float  # the peak's value on the class response map (a logit)
+    class_score: float  # the image-level class score (a logit)
     peak: tuple[int, int]  # (y, x) in the image
     mask: np.ndarray  # (H, W) bool at the image's size
+
+    @property
+    def score(self) -> float:
+        """Confidence in [0, 1]: the sigmoid of the peak value, the probability the classifier
+        gives the class when this peak is its evidence (the class score is a mean of peak
+        values, trained with a sigmoid loss). Monotone in the peak value: rankings are the
+        peak values' (which break ties where the sigmoid rounds to 1)."""
+        return confidence(self.peak_value)
+
+
+def confidence(peak_value: float) -> float:
+    """The logistic sigmoid, computed without overflow."""
+    z = float(np.exp(-abs(peak_value)))
+    return 1.0 / (1.0 + z) if peak_value >= 0 else z / (1.0 + z)
 
 
 @dataclass
@@ -47,6 +61,7 @@ class PredictOptions:
     """Overrides of the bundle's inference semantics (None: the bundle's)."""
 
     refine: str = "crf"  # crf | threshold | none
+    crf_backend: str = "auto"  # graph | pydensecrf | auto (the graph where onnxruntime has CUDA)
     crf_frame: str | None = None  # "input" (the reference's) or "image" (the photo's resolution)
     crf_photo_max_side: int = 1024  # frame "image": larger photos are refined at this longer side
     # CRF on the frame scaled to this longer side, but for its last crf_full_iterations (see
@@ -71,10 +86,24 @@ class RefineSettings:
     crf: CRFSpec
     threshold: float
     schedule: CRFSchedule
+    crf_backend: str = "pydensecrf"  # resolved: graph | pydensecrf
+    crf_graph_file: str | None = None  # the bundle's crf.onnx; None: the graph is built in memory
+
+    @property
+    def in_process(self) -> bool:
+        """The graph CRF runs in threads of this process (one onnxruntime session, on the GPU
+        where there is one); pydensecrf in worker processes."""
+        return self.method == "crf" and self.crf_backend == "graph"
 
     def refine(self, rgb: np.ndarray, maps: np.ndarray) -> np.ndarray:
         """rgb (H, W, 3) uint8, maps (P, h, w) at the network's input size -> (P, H, W) bool."""
-        return refine_instances(rgb, maps, self.method, self.crf, self.threshold, self.schedule)
+        graph = None
+        if self.in_process:
+            from .crf_graph import crf_graph
+
+            graph = crf_graph(self.crf_graph_file, self.crf.iterations)
+        return refine_instances(rgb, maps, self.method, self.crf, self.threshold, self.schedule, self.crf_backend,
+                                graph)
 
 
 @dataclass
@@ -106,9 +135,15 @@ class Segmenter:
         self.peak_threshold = pick(o.peak_threshold, m.peaks.peak_threshold)
         self.nms_iou = pick(o.nms_iou, m.peaks.nms_iou)
         crf = m.crf if o.crf_frame is None else dataclasses.replace(m.crf, frame=o.crf_frame)
+        graph_file = str(bundle.graph_path("crf")) if "crf" in m.graphs else None
+        crf_backend = resolve_crf_backend(o.crf_backend)
+        if o.refine == "crf" and crf_backend == "graph" and o.crf_max_side:
+            raise ValueError("the CRF graph runs in the frame itself: the coarse-to-fine schedule (crf_max_side) is "
+                             "pydensecrf's; leave it at 0 or use the pydensecrf CRF backend")
         self.refine_settings = RefineSettings(
             o.refine, crf, pick(o.mask_threshold, m.filling.mask_threshold),
-            CRFSchedule(o.crf_max_side, o.crf_full_iterations, o.crf_photo_max_side))
+            CRFSchedule(o.crf_max_side, o.crf_full_iterations, o.crf_photo_max_side),
+            crf_backend, graph_file)
         # With batch statistics the filling network normalises an image's peaks together, as
         # the reference does: they go through in one call.
         self.peak_chunk = self.max_instances if m.filling.normalization == "batch" else o.peak_chunk

@@ -52,6 +52,33 @@ def average_precision(scores, positives, num_positives: int | None = None) -> fl
     return float(((rec[idx + 1] - rec[idx]) * prec[idx + 1]).sum())
 
 
+def _rank_key(p: dict) -> tuple[float, float]:
+    """Predictions are ranked by score; iam-infer's scores are confidences (a sigmoid, which
+    rounds to 1 for large peak values), so its raw peak value breaks their ties."""
+    return float(p["score"]), float(p.get("peak_value", 0.0))
+
+
+def _image_resolver(ground_truth: dict):
+    """prediction -> the dataset image it is of. iam-infer names images by their path relative
+    to its INPUT (``synth_000090`` from the JPEGImages folder, ``data/JPEGImages/synth_000090``
+    from a list file one level up): the VOC id is the file's stem. Two different predicted
+    images may not land on the same dataset image."""
+    seen: dict[str, str] = {}
+
+    def resolve(p: dict) -> str:
+        given = str(p["image_id"])
+        candidates = [given, Path(given).name, Path(str(p.get("file_name", given))).stem]
+        image_id = next((c for c in candidates if c in ground_truth), None)
+        if image_id is None:
+            raise EvaluationError(f"prediction for image {given!r}, which is not in the evaluated split")
+        if seen.setdefault(image_id, given) != given:
+            raise EvaluationError(f"predictions for {seen[image_id]!r} and {given!r} are both of dataset image "
+                                  f"{image_id!r}: evaluate one run over the split's images")
+        return image_id
+
+    return resolve
+
+
 def evaluate(predictions: list[dict], ground_truth: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
              classes: list[str], thresholds=(0.25, 0.5, 0.75)) -> dict:
     """predictions: COCO-style results (image_id, category_id 1..C, score, segmentation RLE);
@@ -59,10 +86,9 @@ def evaluate(predictions: list[dict], ground_truth: dict[str, tuple[np.ndarray, 
     from pycocotools import mask as mask_utils
 
     by_image: dict[str, list[dict]] = {}
+    resolve = _image_resolver(ground_truth)
     for p in predictions:
-        image_id = str(p["image_id"])
-        if image_id not in ground_truth:
-            raise EvaluationError(f"prediction for image {image_id!r}, which is not in the evaluated split")
+        image_id = resolve(p)
         c = int(p["category_id"])
         if not 1 <= c <= len(classes):
             raise EvaluationError(f"category_id {c} of image {image_id!r} is outside 1..{len(classes)}")
@@ -90,13 +116,13 @@ def evaluate(predictions: list[dict], ground_truth: dict[str, tuple[np.ndarray, 
         best_overlaps.extend(ious.max(axis=0) if len(preds) else np.zeros(len(gt_masks)))
         for k, p in enumerate(preds):
             c = int(p["category_id"]) - 1
-            records[c].append((float(p["score"]), image_id, ious[k][gt_classes == c]))
+            records[c].append((_rank_key(p), image_id, ious[k][gt_classes == c]))
 
     per_class: dict[str, dict[str, float]] = {}
     for c, name in enumerate(classes):
         if gt_count[c] == 0:
             continue
-        ranked = sorted(records[c], key=lambda r: -r[0])
+        ranked = sorted(records[c], key=lambda r: r[0], reverse=True)
         per_class[name] = {}
         for t in thresholds:
             taken: dict[str, set[int]] = {}
@@ -107,7 +133,8 @@ def evaluate(predictions: list[dict], ground_truth: dict[str, tuple[np.ndarray, 
                 if order:
                     used.add(int(order[0]))
                 hits.append(bool(order))
-            per_class[name][str(t)] = average_precision([r[0] for r in ranked], hits, int(gt_count[c])) \
+            # ranked already: the AP's own ordering is given descending positions
+            per_class[name][str(t)] = average_precision(-np.arange(len(ranked)), hits, int(gt_count[c])) \
                 if ranked else 0.0
     mean = {str(t): float(np.mean([v[str(t)] for v in per_class.values()])) if per_class else float("nan")
             for t in thresholds}

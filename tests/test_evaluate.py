@@ -116,3 +116,29 @@ def test_cli_on_synthetic_ground_truth(tmp_path):
     assert exit.value.code == 0
     report = json.loads(out.read_text())
     assert report["mAP_r"] == {"0.25": 1.0, "0.5": 1.0, "0.75": 1.0} and report["ABO"] == 1.0
+
+
+def test_confidences_rank_as_peak_values():
+    """iam-infer's score is sigmoid(peak value), rounded: large peaks all round to 1.0, and the
+    raw peak value then decides; the mAP^r is the one ranking by peak value gives (issue 19)."""
+    from iam_runtime.segmenter import confidence
+
+    # circle: FP at peak 40, TP at 38, FP at 36, TP at 20: by peak value AP = (1/2 + 2/4) / 2
+    rows = [(box(0, 0, 3, 3), 40.0), (A, 38.0), (box(15, 0, 18, 3), 36.0), (B, 20.0)]
+    by_peak = evaluate([pred("img1", m, 0, v) for m, v in rows], GT, CLASSES)
+    as_run = [pred("img1", m, 0, round(confidence(v), 6)) | {"peak_value": v} for m, v in rows]
+    assert {p["score"] for p in as_run} == {1.0}
+    assert evaluate(as_run, GT, CLASSES)["per_class"] == by_peak["per_class"]
+    assert by_peak["per_class"]["circle"]["0.5"] == pytest.approx(0.5 * 0.5 + 0.5 * 0.5)
+    assert confidence(-800.0) == 0.0 and confidence(0.0) == 0.5 and confidence(800.0) == 1.0
+
+
+def test_predictions_named_by_path_are_matched_by_their_stem():
+    """iam-infer over a list file names images data/JPEGImages/<id>; over the folder, <id>."""
+    named = [pred("data/JPEGImages/img1", A, 0, 0.9) | {"file_name": "data/JPEGImages/img1.jpg"},
+             pred("data/JPEGImages/img1", B, 0, 0.8), pred("x/y", C, 1, 0.7) | {"file_name": "x/img2.png"}]
+    assert evaluate(named, GT, CLASSES)["mAP_r"]["0.5"] == 1.0
+    with pytest.raises(EvaluationError, match="'a/img1' and 'b/img1' are both of dataset image 'img1'"):
+        evaluate([pred("a/img1", A, 0, 0.9), pred("b/img1", B, 0, 0.8)], GT, CLASSES)
+    with pytest.raises(EvaluationError, match="'elsewhere/img9', which is not in the evaluated split"):
+        evaluate([pred("elsewhere/img9", A, 0, 0.9)], GT, CLASSES)

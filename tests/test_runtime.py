@@ -20,6 +20,7 @@ from PIL import Image
 from iam_runtime.backends import BackendError, OnnxRuntimeBackend, select_backend
 from iam_runtime.bundle import EngineSpec, load_bundle, save_manifest
 from iam_runtime.cli import main as infer_cli
+from iam_runtime.overlays import MIN_SIDE
 from iam_runtime.pipeline import InferOptions, run
 
 from .conftest import copy_val_images, shared_path
@@ -57,8 +58,9 @@ def test_end_to_end_masks_overlap_ground_truth(trained_bundle, synthetic, val_im
     ious = []
     for image in sorted(val_images.iterdir()):
         stem = image.stem
-        for sub, ext in (("instances", "png"), ("classes", "png"), ("overlays", "jpg")):
-            assert Image.open(tmp_path / sub / f"{stem}.{ext}").size == (128, 128)
+        for sub in ("instances", "classes"):
+            assert Image.open(tmp_path / sub / f"{stem}.png").size == (128, 128)
+        assert Image.open(tmp_path / "overlays" / f"{stem}.jpg").size == (MIN_SIDE, MIN_SIDE)  # drawn enlarged
         gt = voc.instances(stem)
         for p in (p for p in predictions if p["image_id"] == stem):
             assert p["file_name"] == f"{stem}.jpg" and 1 <= p["category_id"] <= 4
@@ -127,6 +129,85 @@ def test_bad_inputs_are_reported_and_the_rest_completes(trained_bundle, val_imag
     assert Image.open(tmp_path / "out" / "instances" / "sub" / "nested.png").size == (128, 128)
     # huge JPEGs are decoded at a reduced scale (bounded memory), with the aspect ratio kept
     assert records["huge.jpg"]["width"] <= 5000 and records["huge.jpg"]["width"] * 3 == records["huge.jpg"]["height"] * 5
+
+
+def _browser() -> str:
+    for name in ("chromium", "chromium-headless-shell", "chromium-browser", "google-chrome"):
+        if shutil.which(name):
+            return shutil.which(name)
+    pytest.skip("no headless Chromium installed (Debian: apt-get install chromium; .ci/run installs it)")
+
+
+def _dump_dom(page: Path, tmp_path: Path) -> str:
+    """The page as Chromium has it after its scripts ran and its images loaded (virtual time)."""
+    args = [_browser(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            f"--user-data-dir={tmp_path / 'chromium-profile'}", "--window-size=1280,4000",
+            "--virtual-time-budget=10000", "--dump-dom", page.resolve().as_uri()]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "<html" in done.stdout, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_index_page_in_a_real_browser(trained_bundle, val_images, tmp_path):
+    """OUT/index.html as a person sees it (issue 19): every overlay loads (odd file names, a
+    subfolder), the counts are the summary's, each failure is listed with its reason."""
+    import re
+
+    good = sorted(val_images.iterdir())
+    bad = _bad_folder(tmp_path / "in", good)
+    out = tmp_path / "out"
+    code, output = infer(str(tmp_path / "in"), "-o", str(out), "--bundle", str(trained_bundle), "--refine",
+                         "threshold", "--crf-workers", "1", "--no-progress")
+    assert code == 1 and f"results at a glance: {(out / 'index.html').resolve()}" in output
+    summary = json.loads((out / "summary.json").read_text())
+    dom = _dump_dom(out / "index.html", tmp_path)
+    states = re.findall(r'<img [^>]*data-state="(\w+)"', dom)
+    assert states == ["loaded"] * summary["completed"], states
+    cell = lambda key: re.search(rf'<td id="{key}">([^<]*)</td>', dom).group(1)  # noqa: E731
+    assert (int(cell("s-completed")), int(cell("s-failed"))) == (summary["completed"], len(bad))
+    assert int(cell("s-instances")) == summary["instances"]
+    assert f"{summary['completed']} images with outputs, {summary['instances']} instances" in dom
+    listed = re.findall(r'<ul class="instances">(.*?)</ul>', dom)
+    assert sum(item.count("<li>") for item in listed if "no instance" not in item) == summary["instances"]
+    for name, reason in bad.items():
+        assert re.search(rf"<td>{re.escape(name)}</td><td>decode</td><td>[^<]*{re.escape(reason)}", dom), name
+    assert "ñandú 图像.jpg" in dom and "sub/nested.jpg" in dom
+
+
+def test_index_page_is_paged(tmp_path):
+    """A large run: the grid shows a page at a time, and file names cannot break the page."""
+    from iam_runtime.report import PAGE_SIZE, write_index
+
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(tmp_path / "o.jpg")
+    entries = [{"file": f"a</script><b>{i}.jpg", "overlay": "o.jpg", "instances": [["circle", 0.5]]}
+               for i in range(2 * PAGE_SIZE + 5)]
+    page = write_index(tmp_path, {"completed": len(entries), "instances": len(entries)}, entries)
+    dom = _dump_dom(page, tmp_path)
+    assert "page 1 of 3 (125 images)" in dom
+    assert dom.count('data-state="loaded"') == PAGE_SIZE and dom.count("circle 0.50") == PAGE_SIZE
+    assert "a&lt;/script&gt;&lt;b&gt;0.jpg" in dom
+
+
+def test_crf_graph_backend_in_the_pipeline(trained_bundle, val_images, tmp_path):
+    """iam-infer --crf-backend graph (issue 16): the same instances as pydensecrf, masks close."""
+    runs = {}
+    for backend in ("graph", "pydensecrf"):
+        code, output = infer(str(val_images), "-o", str(tmp_path / backend), "--bundle", str(trained_bundle),
+                             "--crf-backend", backend, "--no-progress")
+        assert code == 0, output
+        runs[backend] = sorted(json.loads((tmp_path / backend / "predictions.json").read_text()),
+                               key=lambda p: (p["image_id"], p["peak"], p["category_id"]))
+    assert [(p["image_id"], p["category_id"], p["peak"]) for p in runs["graph"]] == \
+        [(p["image_id"], p["category_id"], p["peak"]) for p in runs["pydensecrf"]]
+    from iam_runtime.masks import mask_iou
+
+    ious = [mask_iou(_decode(g["segmentation"]), _decode(d["segmentation"]))
+            for g, d in zip(runs["graph"], runs["pydensecrf"])]
+    assert len(ious) > 5 and np.mean(ious) > 0.9, ious
+    code, output = infer(str(val_images), "-o", str(tmp_path / "x"), "--bundle", str(trained_bundle),
+                         "--crf-backend", "graph", "--crf-max-side", "64", "--no-progress")
+    assert code != 0 and "coarse-to-fine schedule" in output
 
 
 def test_no_peaks_gives_an_empty_valid_result(trained_bundle, val_images, tmp_path):
