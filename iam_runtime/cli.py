@@ -120,7 +120,7 @@ def main(input_path, out, bundle, demo, backend, providers, tf32, batch_size, re
             click.echo(f"Ray Data; bundle {bundle} ({describe_semantics(loaded.manifest)})", err=True)
             summary = run_ray(bundle, input_path, out, options, RayOptions(
                 ray_address, ray_engine_actors, ray_crf_actors, providers=tuple(providers.split(",")) if providers
-                else None, backend=backend))
+                else None, backend=backend, tf32=tf32))
         else:
             refinement = f"CRF: {resolve_crf_backend(crf_backend)}" if refine == "crf" else f"refine: {refine}"
             click.echo(f"{engine.describe()}; {refinement}; bundle {bundle} ({describe_semantics(loaded.manifest)})",

@@ -45,6 +45,7 @@ class RayOptions:
     engine_cpus: float = 1.0  # CPUs an engine actor reserves (and its onnxruntime threads)
     providers: tuple[str, ...] | None = None
     backend: str = "auto"
+    tf32: bool = False  # CUDA provider: fp32 convolutions in TF32 (iam-infer --tf32)
 
 
 def _fail(row: dict, stage: str, exc: BaseException) -> dict:
@@ -82,7 +83,7 @@ class EngineStage:
 
         bundle = load_bundle(bundle_dir, verify_checksums=False)  # checked once, by run_ray
         backend = select_backend(bundle, ray_options.backend, list(ray_options.providers or []) or None,
-                                 threads=threads)
+                                 threads=threads, tf32=ray_options.tf32)
         self.segmenter = Segmenter(bundle, backend, options)
 
     def __call__(self, batch: dict) -> dict:
