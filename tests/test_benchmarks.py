@@ -12,7 +12,7 @@ from benchmarks.latency import main
 
 def test_latency_benchmark_smoke(tmp_path):
     result = CliRunner().invoke(main, [
-        "--backbone", "resnet18", "--image-size", "64", "--peaks", "2", "--batch-sizes", "1,2", "--images", "3",
+        "--backbone", "resnet18", "--image-size", "128", "--peaks", "2", "--batch-sizes", "1,2", "--images", "3",
         "--reference-images", "2", "--steps", "2", "--hidden", "8", "--upsample", "4", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "latency.json").read_text())

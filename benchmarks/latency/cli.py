@@ -13,9 +13,9 @@ import numpy as np
 import torch
 
 from iam_runtime.bundle import load_bundle
-from iam_runtime.images import decode_image, preprocess
+from iam_runtime.images import decode_image, preprocess, resize_rgb
 from iam_runtime.masks import mask_iou
-from iam_runtime.refine import CRFSchedule, dense_crf, resize_map
+from iam_runtime.refine import CRFSchedule
 from iam_runtime.voc import IMAGENET_MEAN, IMAGENET_STD
 from iam_train.checkpoint import PRMMetadata, save_checkpoint
 from iam_train.models import InstanceExtentFilling, ResNetFCN, reference_peak_response_maps
@@ -35,6 +35,7 @@ from .paths import (
     count_flops,
     gemm_rate,
     gemm_rate_cuda,
+    reference_crf,
     reference_filling,
 )
 from .photos import PHOTOS_ENV, demo_photos
@@ -69,7 +70,9 @@ def main(backbone, image_size, num_peaks, batch_sizes, num_images, reference_ima
     torch.manual_seed(0)
     classes = [f"class{i}" for i in range(20)]
     model = ResNetFCN(backbone, num_classes=20).eval()
-    filling = InstanceExtentFilling(model.feature_channels, hidden=hidden, steps=steps).eval()
+    # The reference's inference (SPEC section 7): the filling network normalises an image's peaks
+    # together (batch statistics), the CRF runs in the network's input frame.
+    filling = InstanceExtentFilling(model.feature_channels, hidden=hidden, steps=steps, normalization="batch").eval()
     photos = demo_photos(out / "images", num_images, image_size, photos)
     results: dict = {"config": dict(backbone=backbone, image_size=image_size, peaks=num_peaks, steps=steps,
                                     images=num_images, batch_sizes=batch_sizes), "machine": machine_info(), "paths": {}}
@@ -88,7 +91,8 @@ def main(backbone, image_size, num_peaks, batch_sizes, num_images, reference_ima
 
     click.echo("exporting the bundle ...")
     t = time.perf_counter()
-    export_options = ExportOptions(max_peaks=max(32, num_peaks), force=True, class_threshold=float("-inf"))
+    export_options = ExportOptions(max_peaks=max(32, num_peaks), force=True, class_threshold=float("-inf"),
+                                   filling_normalization="batch")
     export_bundle(ckpt / "prm.pt", ckpt / "filling.pt", bundle_dir, export_options, log=lambda *_: None)
     results["export_seconds"] = time.perf_counter() - t
     bundle = load_bundle(bundle_dir)
@@ -97,17 +101,19 @@ def main(backbone, image_size, num_peaks, batch_sizes, num_images, reference_ima
     # ---------------- reference and torch paths (CPU, and CUDA where present) ----------------
     from iam_export.graphs import DetectGraph, SegmentGraph
 
-    def load(path: Path, device: torch.device, times: dict) -> tuple[np.ndarray, torch.Tensor]:
-        """The photo (H, W, 3) and its (1, 3, S, S) network input on the device, timed as decode."""
+    def load(path: Path, device: torch.device, times: dict) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+        """The photo (H, W, 3), the CRF's frame (the photo at the input size) and the (1, 3, S, S)
+        network input on the device, timed as decode."""
         t0 = time.perf_counter()
         rgb = decode_image(path)
+        frame = resize_rgb(rgb, size)
         x = torch.from_numpy(preprocess(rgb, size, IMAGENET_MEAN, IMAGENET_STD))[None].to(device)
         times["decode"] = _synced(device, t0)
-        return rgb, x
+        return rgb, frame, x
 
     def run_reference(path: Path, net: ResNetFCN, fill: InstanceExtentFilling, device: torch.device):
         times = dict.fromkeys(STAGES, 0.0)
-        rgb, x = load(path, device, times)
+        rgb, frame, x = load(path, device, times)
         t0 = time.perf_counter()
         with torch.no_grad():
             feats = net(x)
@@ -119,17 +125,17 @@ def main(backbone, image_size, num_peaks, batch_sizes, num_images, reference_ima
         with torch.no_grad():
             iam = reference_filling(fill, prm, fill.affinity_kernels(feats.c2, feats.c3, feats.c4)).cpu().numpy()
         times["segment"] = time.perf_counter() - t0
-        masks, crf_times = [], []  # one full-resolution CRF per instance, each timed
+        masks, crf_times = [], []  # one CRF per instance, in the input frame, each timed
         for m in iam:
             t0 = time.perf_counter()
-            masks.append(dense_crf(rgb, resize_map(m, rgb.shape[:2]), bundle.manifest.crf))
+            masks.append(reference_crf(rgb, frame, m, bundle.manifest.crf))
             crf_times.append(time.perf_counter() - t0)
         times["crf"] = sum(crf_times)
         return times, masks, iam, crf_times
 
     def run_torch(path: Path, detect_t: DetectGraph, segment_t: SegmentGraph, device: torch.device) -> dict:
         times = dict.fromkeys(STAGES, 0.0)
-        rgb, x = load(path, device, times)
+        rgb, frame, x = load(path, device, times)
         with torch.no_grad():
             t0 = time.perf_counter()
             _, coords, _, _ = detect_t(x)
@@ -140,7 +146,7 @@ def main(backbone, image_size, num_peaks, batch_sizes, num_images, reference_ima
             times["segment"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         for m in iam:
-            dense_crf(rgb, resize_map(m, rgb.shape[:2]), bundle.manifest.crf)
+            reference_crf(rgb, frame, m, bundle.manifest.crf)
         times["crf"] = time.perf_counter() - t0
         return times
 
@@ -198,11 +204,9 @@ def main(backbone, image_size, num_peaks, batch_sizes, num_images, reference_ima
         for suffix, refine, max_side, bs in [(*v[:3], b) for v in variants for b in v[3]]:
             key = f"{name}-b{bs}{suffix}"
             run_dir = out / "runs" / key
-            # The CRF at the photo's resolution, as this benchmark's reference path runs it (moving both
-            # to the reference's 448 frame, now iam-infer's default, is issue 17's).
+            # iam-infer's defaults but for the peaks: every path segments the same num_peaks peaks
             options = dict(batch_size=bs, max_instances=num_peaks, class_threshold=float("-inf"), refine=refine,
-                           peak_threshold=float("-inf"), nms_iou=1.01, crf_workers=crf_workers, crf_max_side=max_side,
-                           crf_frame="image", crf_photo_max_side=0)
+                           peak_threshold=float("-inf"), nms_iou=1.01, crf_workers=crf_workers, crf_max_side=max_side)
             results["paths"][key] = _runtime_path(out, key, dict(
                 **engine, images=str(out / "images"), warmup_image=str(photos[0]), out=str(run_dir), options=options))
             if refine == "crf" and "failed" not in results["paths"][key]:
@@ -212,13 +216,14 @@ def main(backbone, image_size, num_peaks, batch_sizes, num_images, reference_ima
     results["agreement_vs_reference"] = agreement
 
     # ---------------- CRF comparison ----------------
-    # The reference path's full-resolution masks and times against the reduced resolution.
+    # The reference path's masks and times against the reduced resolution (in the same frame).
     crf_fast, ious, nonempty = [], [], 0
     for stem, maps in ref_maps.items():
         rgb = decode_image(out / "images" / f"{stem}.jpg")
+        frame = resize_rgb(rgb, size)
         for m, a in zip(maps, ref_masks[stem]):
             t0 = time.perf_counter()
-            b = dense_crf(rgb, resize_map(m, rgb.shape[:2]), bundle.manifest.crf, CRFSchedule(FAST_CRF_SIDE))
+            b = reference_crf(rgb, frame, m, bundle.manifest.crf, CRFSchedule(FAST_CRF_SIDE))
             crf_fast.append(time.perf_counter() - t0)
             ious.append(mask_iou(a, b))
             nonempty += bool(a.any())

@@ -27,6 +27,16 @@ STAGES = ("decode", "detect", "segment", "crf", "write")
 FAST_CRF_SIDE = 320  # the reduced-resolution CRF compared against the full-resolution one
 
 
+def reference_crf(rgb: np.ndarray, frame: np.ndarray, prob: np.ndarray, crf, schedule=None) -> np.ndarray:
+    """The reference's CRF for one instance (SPEC section 7): a DenseCRF built for it alone on
+    ``frame``, the photo resized to the network's input size (PIL bilinear), with the
+    activation map at that size; the mask brought to the photo's size from the refined
+    probabilities (bilinear, then q(fg) > q(bg))."""
+    from iam_runtime.refine import ImageCRF, resize_map
+
+    return resize_map(ImageCRF(frame, crf, schedule).margin(prob), rgb.shape[:2]) > 0
+
+
 def reference_filling(filling: InstanceExtentFilling, prm: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
     """The reference's filling: the same network, the propagation as its per-step unfold loop."""
     x = filling.encode(prm.unsqueeze(1))
