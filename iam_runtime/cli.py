@@ -11,7 +11,7 @@ import click
 from .backends import BackendError, select_backend
 from .bundle import BundleError, describe_semantics, load_bundle
 from .pipeline import SAVE_CHOICES, InferOptions, run
-from .refine import resolve_crf_backend
+from .refine import CRFSchedule, check_crf_schedule, resolve_crf_backend
 
 EXIT_OK, EXIT_IMAGES_FAILED, EXIT_INTERRUPTED = 0, 1, 130
 
@@ -96,11 +96,11 @@ def main(input_path, out, bundle, demo, backend, providers, tf32, batch_size, re
         raise click.BadParameter(f"unknown {unknown}; choose from {', '.join(SAVE_CHOICES)}", param_hint="--save")
     if not input_path.exists():
         raise click.ClickException(f"input not found: {input_path}")
-    if refine == "crf" and crf_max_side and resolve_crf_backend(crf_backend, tuple(providers.split(",")) if providers
-                                                                else ()) == "graph":
-        raise click.BadParameter("the CRF graph runs in the frame itself: the coarse-to-fine schedule is pydensecrf's "
-                                 "(add --crf-backend pydensecrf, or leave --crf-max-side at 0)",
-                                 param_hint="--crf-max-side")
+    if refine == "crf":
+        try:
+            check_crf_schedule(resolve_crf_backend(crf_backend), CRFSchedule(crf_max_side))
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--crf-max-side") from None
     try:
         loaded = load_bundle(bundle)
         engine = None if use_ray else select_backend(loaded, backend, providers.split(",") if providers else None,

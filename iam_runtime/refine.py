@@ -30,18 +30,23 @@ from .images import resize_rgb
 CRF_BACKENDS = ("auto", "graph", "pydensecrf")
 
 
-def resolve_crf_backend(backend: str, providers: tuple[str, ...] = ()) -> str:
-    """"auto" -> "graph" where onnxruntime runs it on CUDA (among ``providers``, when given),
-    else "pydensecrf"; the others as they are."""
+def resolve_crf_backend(backend: str) -> str:
+    """"auto" -> "graph" where onnxruntime has its CUDA provider, else "pydensecrf"; the others
+    as they are."""
     if backend not in CRF_BACKENDS:
         raise ValueError(f"unknown CRF backend {backend!r}; choose one of {', '.join(CRF_BACKENDS)}")
     if backend != "auto":
         return backend
     import onnxruntime as ort
 
-    cuda = "CUDAExecutionProvider" in ort.get_available_providers() and (
-        not providers or "CUDAExecutionProvider" in providers)
-    return "graph" if cuda else "pydensecrf"
+    return "graph" if "CUDAExecutionProvider" in ort.get_available_providers() else "pydensecrf"
+
+
+def check_crf_schedule(backend: str, schedule: CRFSchedule | None) -> None:
+    """The coarse-to-fine schedule (``max_side``) is pydensecrf's; the graph runs in the frame."""
+    if backend == "graph" and schedule is not None and schedule.max_side:
+        raise ValueError("the CRF graph runs in the frame itself: the coarse-to-fine schedule (--crf-max-side) is "
+                         "pydensecrf's; leave it at 0 or use --crf-backend pydensecrf")
 
 
 def crf_kernel(crf: CRFSpec, kernel_scale: float = 1.0) -> np.ndarray:
@@ -160,9 +165,7 @@ def crf_margins(rgb: np.ndarray, probs: np.ndarray, crf: CRFSpec, backend: str =
     if backend == "pydensecrf":
         image_crf = ImageCRF(rgb, crf, schedule, kernel_scale)
         return np.stack([image_crf.margin(p) for p in probs]) if len(probs) else np.zeros(probs.shape, np.float32)
-    if schedule is not None and schedule.max_side:
-        raise ValueError("the CRF graph runs in the frame itself: the coarse-to-fine schedule (--crf-max-side) is "
-                         "pydensecrf's; leave it at 0 or use --crf-backend pydensecrf")
+    check_crf_schedule(backend, schedule)
     if not len(probs):
         return np.zeros(probs.shape, np.float32)
     if graph is None:

@@ -25,7 +25,7 @@ from .bundle import Bundle, CRFSpec, load_bundle
 from .images import preprocess
 from .masks import nms
 from .peaks import peak_input_coordinates, select_peaks
-from .refine import CRFSchedule, refine_instances, resolve_crf_backend
+from .refine import CRFSchedule, check_crf_schedule, refine_instances, resolve_crf_backend
 
 log = logging.getLogger(__name__)
 
@@ -137,13 +137,11 @@ class Segmenter:
         crf = m.crf if o.crf_frame is None else dataclasses.replace(m.crf, frame=o.crf_frame)
         graph_file = str(bundle.graph_path("crf")) if "crf" in m.graphs else None
         crf_backend = resolve_crf_backend(o.crf_backend)
-        if o.refine == "crf" and crf_backend == "graph" and o.crf_max_side:
-            raise ValueError("the CRF graph runs in the frame itself: the coarse-to-fine schedule (crf_max_side) is "
-                             "pydensecrf's; leave it at 0 or use the pydensecrf CRF backend")
+        schedule = CRFSchedule(o.crf_max_side, o.crf_full_iterations, o.crf_photo_max_side)
+        if o.refine == "crf":
+            check_crf_schedule(crf_backend, schedule)
         self.refine_settings = RefineSettings(
-            o.refine, crf, pick(o.mask_threshold, m.filling.mask_threshold),
-            CRFSchedule(o.crf_max_side, o.crf_full_iterations, o.crf_photo_max_side),
-            crf_backend, graph_file)
+            o.refine, crf, pick(o.mask_threshold, m.filling.mask_threshold), schedule, crf_backend, graph_file)
         # With batch statistics the filling network normalises an image's peaks together, as
         # the reference does: they go through in one call.
         self.peak_chunk = self.max_instances if m.filling.normalization == "batch" else o.peak_chunk
