@@ -268,7 +268,8 @@ def export_bundle(prm: str | Path, filling: str | Path, out: str | Path, options
             paths[key] = path
             specs[key] = GraphSpec(path.name, sha256_file(path), _tensor_specs(list(model.graph.input)),
                                    _tensor_specs(list(model.graph.output)), precision, options.opset)
-        specs[CRF_GRAPH] = write_crf_graph(tmp, CRFSpec().iterations)
+        crf = CRFSpec()  # the reference's kernels; the CRF graph unrolls its iterations
+        specs[CRF_GRAPH] = write_crf_graph(tmp, crf.iterations)
         export_s = time.perf_counter() - started
         verification: dict = {"export_seconds": round(export_s, 2)}
         if options.verify:
@@ -285,7 +286,7 @@ def export_bundle(prm: str | Path, filling: str | Path, out: str | Path, options
             filling=FillingSpec(models.filling.channels, models.filling.kernel_size, models.filling.steps,
                                 normalization=models.filling.normalization,
                                 align_corners=models.filling.align_corners),
-            crf=CRFSpec(),
+            crf=crf,
             graphs=specs,
             producer={**_versions(), "source": "reference" if options.from_reference else "iam-train",
                       "prm": str(prm), "filling": str(filling), "backbone": models.backbone.arch},

@@ -56,12 +56,11 @@ CORNERS = np.array(list(itertools.product((0, 1), repeat=5)), dtype=np.float32) 
 
 
 def _unary_logit(probs: np.ndarray) -> np.ndarray:
-    """log p - log(1 - p) of the reference's unary (p clipped to [0, 1], exact zeros 1e-10)."""
-    p = np.clip(probs, 0.0, 1.0).astype(np.float32)
-    fg = np.where(p == 0, np.float32(1e-10), p)
-    bg = 1 - p
-    bg = np.where(bg == 0, np.float32(1e-10), bg)
-    return np.log(fg) - np.log(bg)
+    """log p - log(1 - p) of the reference's unary (refine.reference_unary), probs' shape."""
+    from .refine import reference_unary
+
+    unary = reference_unary(probs)  # (2, N): -log(1 - p), -log(p)
+    return (unary[0] - unary[1]).reshape(np.shape(probs))
 
 
 def _gaussian_taps(sxy: float) -> np.ndarray:

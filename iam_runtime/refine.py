@@ -50,10 +50,21 @@ def check_crf_schedule(backend: str, schedule: CRFSchedule | None) -> None:
 
 
 def crf_kernel(crf: CRFSpec, kernel_scale: float = 1.0) -> np.ndarray:
-    """The CRF graph's ``kernel`` input: (gaussian sxy, compat, bilateral sxy, srgb, compat),
-    spatial widths scaled as :class:`ImageCRF` scales them."""
+    """(gaussian sxy, compat, bilateral sxy, srgb, compat), the spatial widths scaled by
+    ``kernel_scale`` (a frame reduced from the one the widths are given in): both backends' kernels
+    (float64; the CRF graph's ``kernel`` input is this, in float32)."""
     return np.array([max(crf.gaussian_sxy * kernel_scale, 0.5), crf.gaussian_compat,
-                     crf.bilateral_sxy * kernel_scale, crf.bilateral_srgb, crf.bilateral_compat], np.float32)
+                     crf.bilateral_sxy * kernel_scale, crf.bilateral_srgb, crf.bilateral_compat], np.float64)
+
+
+def reference_unary(prob: np.ndarray) -> np.ndarray:
+    """The reference's unary of (...) foreground probabilities -> (2, N) float32 -log([1 - p, p]),
+    exact zeros replaced by 1e-10. p is first clipped to [0, 1]: an engine's sigmoid can return
+    1.0000001 (onnxruntime's does), whose 1 - p < 0 has no logarithm."""
+    p = np.clip(prob, 0.0, 1.0, dtype=np.float32).reshape(1, -1)
+    probs = np.concatenate([1 - p, p])
+    probs[probs == 0] = 1e-10
+    return np.ascontiguousarray(-np.log(probs), dtype=np.float32)
 
 
 def resize_map(prob: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -110,38 +121,29 @@ class ImageCRF:
         import pydensecrf.densecrf as dcrf
 
         h, w = rgb.shape[:2]
+        gaussian_sxy, gaussian_compat, bilateral_sxy, srgb, bilateral_compat = crf_kernel(crf, scale).tolist()
         model = dcrf.DenseCRF2D(w, h, 2)
-        model.addPairwiseGaussian(sxy=max(crf.gaussian_sxy * scale, 0.5), compat=crf.gaussian_compat)
-        model.addPairwiseBilateral(sxy=crf.bilateral_sxy * scale, srgb=crf.bilateral_srgb,
-                                   rgbim=np.require(rgb, np.uint8, ["C", "W"]), compat=crf.bilateral_compat)
+        model.addPairwiseGaussian(sxy=gaussian_sxy, compat=gaussian_compat)
+        model.addPairwiseBilateral(sxy=bilateral_sxy, srgb=srgb, rgbim=np.require(rgb, np.uint8, ["C", "W"]),
+                                   compat=bilateral_compat)
         return model
-
-    @staticmethod
-    def _unary(prob: np.ndarray) -> np.ndarray:
-        """The reference's unary: -log([1 - p, p]) in float32, exact zeros replaced by 1e-10. p is
-        first clipped to [0, 1]: an engine's sigmoid can return 1.0000001 (onnxruntime's does),
-        whose 1 - p < 0 has no logarithm."""
-        p = np.clip(prob, 0.0, 1.0, dtype=np.float32).reshape(1, -1)
-        probs = np.concatenate([1 - p, p])
-        probs[probs == 0] = 1e-10
-        return np.ascontiguousarray(-np.log(probs), dtype=np.float32)
 
     def margin(self, prob: np.ndarray) -> np.ndarray:
         """prob: (H, W) foreground probability at this CRF's resolution -> (H, W) float32
         q(foreground) - q(background) of the refined marginals: the mask is margin > 0 (the
         reference's argmax, ties to background)."""
         if self.coarse is None:
-            self.fine.setUnaryEnergy(self._unary(prob))
+            self.fine.setUnaryEnergy(reference_unary(prob))
             q = np.asarray(self.fine.inference(self.iterations)).reshape(2, *self.full)
             return q[1] - q[0]
-        self.coarse.setUnaryEnergy(self._unary(resize_map(prob, self.small)))
+        self.coarse.setUnaryEnergy(reference_unary(resize_map(prob, self.small)))
         q = np.asarray(self.coarse.inference(self.iterations - self.fine_iterations)).reshape(2, *self.small)
         q = np.stack([resize_map(q[0], self.full), resize_map(q[1], self.full)])
         if self.fine is None:
             return q[1] - q[0]
         from pydensecrf import eigen
 
-        self.fine.setUnaryEnergy(self._unary(prob))
+        self.fine.setUnaryEnergy(reference_unary(prob))
         _, scratch1, scratch2 = self.fine.startInference()
         marginals = eigen.matrixXf(np.ascontiguousarray(q.reshape(2, -1), dtype=np.float32))
         for _ in range(self.fine_iterations):

@@ -11,7 +11,14 @@ from PIL import Image
 from iam_runtime.bundle import CRFSpec
 from iam_runtime.images import resize_rgb
 from iam_runtime.masks import mask_iou
-from iam_runtime.refine import CRFSchedule, ImageCRF, crf_frame, dense_crf, refine_instances, resize_map
+from iam_runtime.refine import (
+    CRFSchedule,
+    crf_frame,
+    dense_crf,
+    reference_unary,
+    refine_instances,
+    resize_map,
+)
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +110,7 @@ def test_unary_is_the_reference_one():
     """-log([1 - p, p]) with exact zeros replaced by 1e-10 (not clipped), and p above 1 from an
     engine's rounding clipped to 1 rather than turned into NaN."""
     p = np.array([[0.0, 0.25, 1.0, 1.0000001]], np.float32)
-    unary = ImageCRF._unary(p)
+    unary = reference_unary(p)
     expected = -np.log(np.array([[1.0, 0.75, 1e-10, 1e-10], [1e-10, 0.25, 1.0, 1.0]], np.float32))
     np.testing.assert_allclose(unary, expected, rtol=1e-6)
     assert np.isfinite(unary).all()
