@@ -1,7 +1,9 @@
 """Engines behind one small interface: ``detect(images)`` and ``segment(image, peaks)``.
 
 * :class:`OnnxRuntimeBackend`: the bundle's ONNX graphs in onnxruntime, with the TensorRT EP,
-  the CUDA EP or the CPU EP (the best available, or as asked). onnxruntime-gpu falls back to the
+  the CUDA EP or the CPU EP (the best available, or as asked). On the CPU, the segment graph's
+  affinity propagation runs as one fused kernel between the graph's two halves
+  (:mod:`iam_runtime.propagation`; ``propagation="graph"`` keeps the graph's own body). onnxruntime-gpu falls back to the
   CPU silently when CUDA libraries are missing: the session's actual providers are checked and a
   GPU provider asked for by name that did not load is an error.
 * :class:`TensorRTBackend`: the bundle's TensorRT engines, when they were built for this GPU
@@ -22,6 +24,7 @@ from .bundle import DETECT_INPUTS, DETECT_OUTPUTS, SEGMENT_INPUTS, SEGMENT_OUTPU
 log = logging.getLogger(__name__)
 
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+PROPAGATIONS = ("auto", "fused", "graph")
 
 
 class BackendError(RuntimeError):
@@ -65,11 +68,16 @@ class OnnxRuntimeBackend:
     name = "onnxruntime"
 
     def __init__(self, bundle: Bundle, providers: list[str] | None = None, cache_dir: Path | None = None,
-                 threads: int = 0, tf32: bool = False):
+                 threads: int = 0, tf32: bool = False, propagation: str = "auto"):
         """``tf32``: let the CUDA provider run fp32 convolutions and GEMMs in TF32 (10-bit mantissa).
         Off by default: on an H100 it lowered the final masks' agreement with the reference from
-        1.00 (CPU) to 0.93 mean IoU (resnet50@448, full-resolution CRF)."""
+        1.00 (CPU) to 0.93 mean IoU (resnet50@448, full-resolution CRF).
+        ``propagation``: ``fused`` runs the filling's propagation as the fused CPU kernel (CPU
+        provider only), ``graph`` as the segment graph's own nodes, ``auto`` fused where it can."""
         import onnxruntime as ort
+
+        if propagation not in PROPAGATIONS:
+            raise BackendError(f"unknown propagation {propagation!r} ({', '.join(PROPAGATIONS)})")
 
         available = ort.get_available_providers()
         asked = list(providers) if providers else None
@@ -102,10 +110,21 @@ class OnnxRuntimeBackend:
         # CRF worker processes need (measured: 4.2 s/image spinning vs 3.1 s not, 2 cores).
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.log_severity_level = 3
-        self.sessions = {}
-        for key in ("detect", "segment"):
-            self.sessions[key] = ort.InferenceSession(str(bundle.graph_path(key)), sess_options=so,
-                                                      providers=chosen, provider_options=options)
+        self.sessions = {"detect": ort.InferenceSession(str(bundle.graph_path("detect")), sess_options=so,
+                                                        providers=chosen, provider_options=options)}
+        self.fused_propagation = self._use_fused(propagation, chosen)
+        if self.fused_propagation:
+            import onnx
+
+            from .propagation import FusedSegmentGraph
+
+            self.sessions["segment"] = FusedSegmentGraph(
+                onnx.load(str(bundle.graph_path("segment"))),
+                lambda model: ort.InferenceSession(model, sess_options=so, providers=chosen, provider_options=options),
+                threads)
+        else:
+            self.sessions["segment"] = ort.InferenceSession(str(bundle.graph_path("segment")), sess_options=so,
+                                                            providers=chosen, provider_options=options)
         actual = self.sessions["detect"].get_providers()
         missing_gpu = [p for p in chosen if p in GPU_PROVIDERS and p not in actual]
         if missing_gpu:
@@ -116,12 +135,35 @@ class OnnxRuntimeBackend:
             log.warning(message)
         self.providers = actual
 
+    @staticmethod
+    def _use_fused(propagation: str, providers: list[str]) -> bool:
+        from .propagation import fused_kernel_unavailable
+
+        on_cpu = all(p not in GPU_PROVIDERS for p in providers)
+        if propagation == "graph":
+            return False
+        if propagation == "fused":
+            if not on_cpu:
+                raise BackendError("the fused propagation is a CPU kernel; with a GPU provider use propagation "
+                                   "'graph' (or 'auto')")
+            reason = fused_kernel_unavailable()
+            if reason:
+                raise BackendError(f"the fused propagation cannot run here: {reason}")
+            return True
+        if not on_cpu:
+            return False
+        reason = fused_kernel_unavailable()
+        if reason:
+            log.warning("%s; the propagation runs as the segment graph's own nodes", reason)
+        return reason is None
+
     @property
     def device(self) -> str:
         return "gpu" if any(p in GPU_PROVIDERS for p in self.providers) else "cpu"
 
     def describe(self) -> str:
-        return f"onnxruntime ({', '.join(self.providers)})"
+        fused = ", fused propagation" if self.fused_propagation else ""
+        return f"onnxruntime ({', '.join(self.providers)}{fused})"
 
     def detect(self, images: np.ndarray) -> dict[str, np.ndarray]:
         out = self.sessions["detect"].run(list(DETECT_OUTPUTS), dict(zip(DETECT_INPUTS, [images])))
@@ -223,7 +265,7 @@ class TensorRTBackend:
 
 
 def select_backend(bundle: Bundle, backend: str = "auto", providers: list[str] | None = None,
-                   cache_dir: Path | None = None, threads: int = 0, tf32: bool = False):
+                   cache_dir: Path | None = None, threads: int = 0, tf32: bool = False, propagation: str = "auto"):
     """``auto``: native TensorRT when the bundle has engines for this GPU, else onnxruntime."""
     if backend not in ("auto", "onnxruntime", "tensorrt"):
         raise BackendError(f"unknown backend {backend!r} (auto, onnxruntime, tensorrt)")
@@ -232,4 +274,4 @@ def select_backend(bundle: Bundle, backend: str = "auto", providers: list[str] |
             return TensorRTBackend(bundle)
         except BackendError as exc:
             log.warning("%s; using the ONNX graphs with onnxruntime instead", exc)
-    return OnnxRuntimeBackend(bundle, providers, cache_dir, threads, tf32)
+    return OnnxRuntimeBackend(bundle, providers, cache_dir, threads, tf32, propagation)

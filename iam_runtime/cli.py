@@ -26,6 +26,9 @@ EXIT_OK, EXIT_IMAGES_FAILED, EXIT_INTERRUPTED = 0, 1, 130
 @click.option("--providers", default=None, help="onnxruntime providers, comma-separated (default: best available).")
 @click.option("--tf32", is_flag=True, help="CUDA provider: fp32 convolutions in TF32 (faster on Ampere and newer; "
                                          "masks agree less with the reference's).")
+@click.option("--propagation", type=click.Choice(["auto", "fused", "graph"]), default="auto", show_default=True,
+              help="The filling network's propagation on the CPU: fused = one compiled kernel (numba) between the "
+                   "segment graph's halves; graph = the graph's own nodes; auto = fused on the CPU provider.")
 @click.option("--batch-size", default=4, show_default=True, help="Images per detect call.")
 @click.option("--refine", type=click.Choice(["crf", "threshold", "none"]), default="crf", show_default=True,
               help="crf: dense CRF per instance; threshold/none: activation map >= --mask-threshold.")
@@ -71,7 +74,7 @@ EXIT_OK, EXIT_IMAGES_FAILED, EXIT_INTERRUPTED = 0, 1, 130
 @click.option("--ray-crf-actors", default=0, show_default=True, type=click.IntRange(min=0),
               help="CRF actors, a fixed pool (0: the cluster's CPUs not taken by engine actors).")
 @click.option("--no-progress", is_flag=True)
-def main(input_path, out, bundle, demo, backend, providers, tf32, batch_size, refine, crf_backend, crf_workers, crf_max_side,
+def main(input_path, out, bundle, demo, backend, providers, tf32, propagation, batch_size, refine, crf_backend, crf_workers, crf_max_side,
          crf_full_iterations, crf_frame, crf_photo_max_side, max_instances, class_threshold, peak_threshold, mask_threshold,
          nms_iou, save, resume, use_ray, ray_address, ray_engine_actors, ray_crf_actors, no_progress) -> None:
     """Segment instances in INPUT (a folder, an image, or a .txt list of paths).
@@ -104,7 +107,7 @@ def main(input_path, out, bundle, demo, backend, providers, tf32, batch_size, re
     try:
         loaded = load_bundle(bundle)
         engine = None if use_ray else select_backend(loaded, backend, providers.split(",") if providers else None,
-                                                     tf32=tf32)
+                                                     tf32=tf32, propagation=propagation)
     except (BundleError, BackendError) as exc:
         raise click.ClickException(str(exc)) from exc
     options = InferOptions(batch_size=batch_size, refine=refine, crf_backend=crf_backend, crf_workers=crf_workers, crf_max_side=crf_max_side,
@@ -120,7 +123,7 @@ def main(input_path, out, bundle, demo, backend, providers, tf32, batch_size, re
             click.echo(f"Ray Data; bundle {bundle} ({describe_semantics(loaded.manifest)})", err=True)
             summary = run_ray(bundle, input_path, out, options, RayOptions(
                 ray_address, ray_engine_actors, ray_crf_actors, providers=tuple(providers.split(",")) if providers
-                else None, backend=backend, tf32=tf32))
+                else None, backend=backend, tf32=tf32, propagation=propagation))
         else:
             refinement = f"CRF: {resolve_crf_backend(crf_backend)}" if refine == "crf" else f"refine: {refine}"
             click.echo(f"{engine.describe()}; {refinement}; bundle {bundle} ({describe_semantics(loaded.manifest)})",

@@ -149,13 +149,13 @@ class Segmenter:
 
     @classmethod
     def from_bundle(cls, path: str | Path, backend: str = "auto", providers: list[str] | None = None,
-                    threads: int = 0, tf32: bool = False, **options) -> Segmenter:
+                    threads: int = 0, tf32: bool = False, propagation: str = "auto", **options) -> Segmenter:
         """Load a bundle and pick its engine (as ``iam-infer --backend/--providers``);
         ``options`` are :class:`PredictOptions` fields."""
         from .backends import select_backend
 
         bundle = load_bundle(path)
-        return cls(bundle, select_backend(bundle, backend, providers, threads=threads, tf32=tf32),
+        return cls(bundle, select_backend(bundle, backend, providers, threads=threads, tf32=tf32, propagation=propagation),
                    PredictOptions(**options))
 
     @property
