@@ -27,7 +27,7 @@ def run_path(spec: dict) -> dict:
     if spec.get("backend", "onnxruntime") == "tensorrt":
         backend = TensorRTBackend(bundle)
     else:
-        backend = OnnxRuntimeBackend(bundle, spec["providers"])
+        backend = OnnxRuntimeBackend(bundle, spec["providers"], propagation=spec.get("propagation", "auto"))
     options = InferOptions(**spec["options"], progress=False)
     out = Path(spec["out"])
     shutil.rmtree(out, ignore_errors=True)

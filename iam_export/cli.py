@@ -26,7 +26,15 @@ def main() -> None:
 @click.option("--opset", default=20, show_default=True)
 @click.option("--max-peaks", default=100, show_default=True,
               help="Peaks per image the detect graph returns (its fixed-size outputs; TensorRT's TopK allows 3840).")
-@click.option("--fp16", is_flag=True, help="fp16 convolution trunk (fp32 peak finding, heads and I/O).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
+              help="fp16: the convolution trunk in half precision (fp32 peak finding, heads and I/O); int8: Q/DQ "
+                   "convolutions (detect's, and peak backprop's backward pass) calibrated on --calib-images, their "
+                   "agreement with fp32 measured and recorded.")
+@click.option("--calib-images", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="With --precision int8: a folder of representative images.")
+@click.option("--calib-count", default=16, show_default=True, type=click.IntRange(min=2),
+              help="With --precision int8: images read from --calib-images (three quarters calibrate, the rest "
+                   "measure the agreement with fp32).")
 @click.option("--verify/--no-verify", default=True, show_default=True, help="Check onnxruntime against PyTorch.")
 @click.option("--from-reference", is_flag=True,
               help="The checkpoints are the reference implementation's: the bundle computes its inference.")
@@ -46,7 +54,7 @@ def main() -> None:
               help="BatchNorm of the filling network at inference: running statistics, or the statistics of "
                    "each image's peaks together [reference: batch; ours: running].")
 @click.option("--force", is_flag=True, help="Replace a non-empty --out.")
-def export_onnx(prm, filling, out, image_size, opset, max_peaks, fp16, verify, from_reference, reference_config,
+def export_onnx(prm, filling, out, image_size, opset, max_peaks, precision, calib_images, calib_count, verify, from_reference, reference_config,
                 steps, class_threshold, peak_threshold, nms_iou, filling_normalization, force) -> None:
     """Write an ONNX bundle (detect + segment graphs, manifest) and verify it."""
     from iam_runtime.bundle import describe_semantics
@@ -55,7 +63,8 @@ def export_onnx(prm, filling, out, image_size, opset, max_peaks, fp16, verify, f
 
     from .export_onnx import ExportError, export_bundle, options_from
 
-    options = options_from(image_size=image_size, opset=opset, max_peaks=max_peaks, fp16=fp16, verify=verify,
+    options = options_from(image_size=image_size, opset=opset, max_peaks=max_peaks, precision=precision,
+                           calib_images=calib_images, calib_count=calib_count, verify=verify,
                            from_reference=from_reference, reference_config=reference_config, steps=steps,
                            class_threshold=class_threshold, peak_threshold=peak_threshold, nms_iou=nms_iou,
                            filling_normalization=filling_normalization, force=force)
@@ -72,25 +81,24 @@ def export_onnx(prm, filling, out, image_size, opset, max_peaks, fp16, verify, f
 
 @main.command("tensorrt")
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--fp16", is_flag=True, help="TensorRT 10 FP16 flag (on 11 export an --fp16 bundle instead).")
-@click.option("--int8", is_flag=True, help="Explicit INT8 (Q/DQ) detect graph, calibrated on --calib-images.")
-@click.option("--calib-images", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None)
+@click.option("--fp16", is_flag=True, help="TensorRT 10 FP16 flag (on 11 export a --precision fp16 bundle instead).")
 @click.option("--workspace", "workspace_gb", default=4.0, show_default=True, help="Builder workspace in GB.")
 @click.option("--timing-cache", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--max-batch", default=16, show_default=True)
 @click.option("--max-segment-peaks", default=64, show_default=True,
               help="Largest number of peaks the segment engine takes in one call (its optimisation profile).")
-def export_tensorrt(bundle, fp16, int8, calib_images, workspace_gb, timing_cache, max_batch, max_segment_peaks) -> None:
-    """Build TensorRT engines for BUNDLE's graphs on this machine's GPU."""
+def export_tensorrt(bundle, fp16, workspace_gb, timing_cache, max_batch, max_segment_peaks) -> None:
+    """Build TensorRT engines for BUNDLE's graphs on this machine's GPU (int8 engines from an int8
+    bundle: iam-export onnx --precision int8 --calib-images DIR)."""
     from iam_runtime.bundle import BundleError
 
     from .tensorrt_build import BuildOptions, TensorRTUnavailable, build_bundle_engines
 
-    options = BuildOptions(fp16=fp16, int8=int8, workspace_gb=workspace_gb, timing_cache=timing_cache,
+    options = BuildOptions(fp16=fp16, workspace_gb=workspace_gb, timing_cache=timing_cache,
                            max_batch=max_batch, opt_batch=min(8, max_batch), max_segment_peaks=max_segment_peaks,
                            opt_segment_peaks=min(8, max_segment_peaks))
     try:
-        engines = build_bundle_engines(bundle, options, calib_images, log=click.echo)
+        engines = build_bundle_engines(bundle, options, log=click.echo)
     except (TensorRTUnavailable, BundleError, ValueError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from exc
     for e in engines:

@@ -62,7 +62,9 @@ class ExportOptions:
     image_size: int | None = None  # default: the size the PRM network was trained at
     opset: int = 20
     max_peaks: int = 100
-    fp16: bool = False
+    precision: str = "fp32"  # fp32 | fp16 (convolution trunk) | int8 (Q/DQ, calibrated on calib_images)
+    calib_images: str | Path | None = None  # with int8: a folder of representative images
+    calib_count: int = 16  # with int8: images used (the fp32 peaks of the later quarter measure the agreement)
     verify: bool = True
     from_reference: bool = False
     reference_config: str | Path | None = None  # the reference's config.yml (with from_reference)
@@ -242,10 +244,28 @@ def _check_destination(out: Path, force: bool) -> None:
         raise ExportError(f"cannot write to {parent}")
 
 
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+def _check_precision(options: ExportOptions) -> None:
+    if options.precision not in PRECISIONS:
+        raise ExportError(f"unknown precision {options.precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if options.precision == "int8":
+        if options.calib_images is None:
+            raise ExportError("--precision int8 needs --calib-images DIR (a folder of representative images)")
+        if not Path(options.calib_images).is_dir():
+            raise ExportError(f"calibration folder not found: {options.calib_images}")
+        if options.calib_count < 2:
+            raise ExportError("--calib-count must be at least 2")
+    elif options.calib_images is not None:
+        raise ExportError("--calib-images goes with --precision int8")
+
+
 def export_bundle(prm: str | Path, filling: str | Path, out: str | Path, options: ExportOptions,
                   log=print) -> Manifest:
     """Export, verify and write a bundle; nothing is left at ``out`` unless all of it succeeded."""
     out = Path(out)
+    _check_precision(options)
     _check_destination(out, options.force)
     models = load_models(prm, filling, options)
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
@@ -255,7 +275,7 @@ def export_bundle(prm: str | Path, filling: str | Path, out: str | Path, options
         started = time.perf_counter()
         graphs = build_graphs(models, options)
         precision = "fp32"
-        if options.fp16:
+        if options.precision == "fp16":
             from .fp16 import convert_to_fp16
 
             graphs = {k: convert_to_fp16(m) for k, m in graphs.items()}
@@ -293,6 +313,13 @@ def export_bundle(prm: str | Path, filling: str | Path, out: str | Path, options
             verification=verification,
         )
         save_manifest(tmp, manifest)
+        if options.precision == "int8":
+            from .int8 import quantize_bundle
+
+            try:
+                manifest = quantize_bundle(tmp, Path(options.calib_images), options.calib_count, log)
+            except ValueError as exc:
+                raise ExportError(f"int8: {exc}") from exc
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

@@ -5,12 +5,14 @@ and parser API and serves as a CPU-side parse check). The ``iam`` custom ops are
 their function bodies (standard ops only) before parsing, so no plugin library is needed.
 
 Precision: TensorRT 11 is strongly typed only, so reduced precision comes from the graph (an
-fp16 bundle from ``iam-export onnx --fp16``, INT8 from Q/DQ nodes added by :func:`quantize_int8`);
-the FP16/INT8 builder flags are used only on TensorRT 10 with a weakly typed network.
+fp16 bundle from ``iam-export onnx --precision fp16``, INT8 from the Q/DQ nodes of an int8 bundle,
+``--precision int8``); the FP16/INT8 builder flags are used only on TensorRT 10 with a weakly typed
+network.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +21,6 @@ import onnx
 import onnx.numpy_helper
 
 from iam_runtime.bundle import (
-    DETECT_INPUTS,
     REQUIRED_GRAPHS,
     EngineSpec,
     load_bundle,
@@ -184,50 +185,23 @@ def build_engine(trt, model: onnx.ModelProto, profiles: dict[str, list[list[int]
     return bytes(serialized)
 
 
-def quantize_int8(model_path: Path, out_path: Path, calibration: list, input_name: str = DETECT_INPUTS[0]) -> None:
-    """Explicit INT8: Q/DQ around the convolutions of the detect graph, calibrated with
-    onnxruntime's static quantisation on preprocessed images; peak finding and score heads stay
-    fp32 (only Conv is quantised)."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.items = iter(calibration)
-
-        def get_next(self):
-            item = next(self.items, None)
-            return None if item is None else {input_name: item}
-
-    quantize_static(str(model_path), str(out_path), Reader(), quant_format=QuantFormat.QDQ,
-                    op_types_to_quantize=["Conv"], per_channel=True, activation_type=QuantType.QInt8,
-                    weight_type=QuantType.QInt8)
-
-
-def build_bundle_engines(bundle_dir: str | Path, options: BuildOptions, calib_images: Path | None = None,
-                         log=print) -> list[EngineSpec]:
+def build_bundle_engines(bundle_dir: str | Path, options: BuildOptions, log=print) -> list[EngineSpec]:
     """Build an engine per graph, write it beside the graphs and record it in the manifest."""
     trt = import_tensorrt()
     gpu, capability = gpu_identity()
     bundle = load_bundle(bundle_dir)
     manifest = bundle.manifest
-    if options.int8 and calib_images is None:
-        raise ValueError("--int8 needs --calib-images DIR (a folder of representative images)")
     engines = []
     for key in REQUIRED_GRAPHS:  # the network; the CRF graph stays on onnxruntime's CUDA provider (its
         graph = manifest.graphs[key]  # scatter with reduction is nothing TensorRT takes)
         path = bundle.root / graph.file
         precision = graph.precision
-        if options.int8 and key == "detect":
-            from iam_runtime.images import calibration_batches
-
-            q_path = bundle.root / f"{key}.int8.onnx"
-            quantize_int8(path, q_path, calibration_batches(calib_images, manifest))
-            path, precision = q_path, "int8"
-        elif options.fp16 and precision == "fp32":
+        if options.fp16 and precision == "fp32":
             precision = "fp16"  # TensorRT 10 flag path; on 11 export an fp16 bundle instead
         log(f"building {key} engine ({precision}) for {gpu} (sm {capability}) ...")
         profiles = profiles_for(key, graph.inputs, options)
-        blob = build_engine(trt, onnx.load(path), profiles, options)
+        graph_options = dataclasses.replace(options, int8=precision == "int8")  # Q/DQ: TensorRT 10 wants the flag
+        blob = build_engine(trt, onnx.load(path), profiles, graph_options)
         file = f"{key}.{precision}.sm{capability.replace('.', '')}.trt{trt.__version__}.engine"
         atomic_write_bytes(bundle.root / file, blob)
         engines.append(EngineSpec(key, file, sha256_file(bundle.root / file), gpu, capability, trt.__version__,

@@ -223,7 +223,7 @@ def describe_semantics(manifest: Manifest) -> str:
     source = manifest.producer.get("source", "?")
     return (f"{source} semantics: class score >= {p.class_threshold:g}, peak > {p.peak_threshold:g}, {nms}, "
             f"filling on {f.normalization} statistics, CRF in the {manifest.crf.frame} frame; "
-            f"{manifest.graphs['detect'].precision}")
+            f"precision {manifest.graphs['detect'].precision}")
 
 
 def sha256_file(path: str | Path) -> str:

@@ -262,21 +262,77 @@ def test_tensorrt_command_without_tensorrt_is_a_clear_error(bundle):
     assert result.exit_code == 1 and "Error:" in result.output and "Traceback" not in result.output
 
 
-def test_int8_qdq_detect_graph_on_cpu(bundle, tmp_path):
-    from iam_export.tensorrt_build import quantize_int8
+def _photos(folder, count: int):
+    """Real photos (scikit-image's), at the bundle's size, as calibration images."""
+    from PIL import Image
+    from skimage import data
 
-    rng = np.random.default_rng(0)
-    calib = [rng.normal(size=(1, 3, SIZE, SIZE)).astype(np.float32) for _ in range(4)]
-    quantize_int8(bundle / "detect.onnx", tmp_path / "detect.int8.onnx", calib)
-    model = onnx.load(tmp_path / "detect.int8.onnx")
-    ops = [n.op_type for n in model.graph.node]
-    assert ops.count("QuantizeLinear") > 5 and "FindPeaks" in ops
-    assert static_check(model) == []
-    got = ort.InferenceSession(str(tmp_path / "detect.int8.onnx"), providers=["CPUExecutionProvider"]).run(
-        None, {"images": calib[0]})
-    want = ort.InferenceSession(str(bundle / "detect.onnx"), providers=["CPUExecutionProvider"]).run(
-        None, {"images": calib[0]})
-    assert got[0].shape == want[0].shape and np.corrcoef(got[0].ravel(), want[0].ravel())[0, 1] > 0.9
+    folder.mkdir()
+    for i, name in enumerate(["astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry"][:count]):
+        Image.fromarray(getattr(data, name)()).resize((SIZE * 2, SIZE * 2)).save(folder / f"{i}_{name}.jpg")
+    return folder
+
+
+def test_int8_bundle_from_the_cli(tmp_path):
+    """iam-export onnx --precision int8: Q/DQ on detect's convolutions and on peak backprop's
+    backward convolutions only; the iam ops kept; the agreement with fp32 measured and recorded;
+    TensorRT's static checks pass; the runtime runs it, with the fused propagation."""
+    from iam_export.int8 import backward_convs
+    from iam_runtime.backends import OnnxRuntimeBackend
+    from iam_runtime.segmenter import Segmenter
+
+    prm, fill = write_checkpoints(tmp_path)
+    photos = _photos(tmp_path / "calib", 5)
+    out = tmp_path / "int8"
+    result = CliRunner().invoke(export_cli, ["onnx", "--prm", str(prm), "--filling", str(fill), "--out", str(out),
+                                             "--max-peaks", "8", "--precision", "int8", "--calib-images", str(photos)])
+    assert result.exit_code == 0, result.output
+    assert "int8 against fp32 on 2 images" in result.output and "precision int8" in result.output
+    b = load_bundle(out)
+    assert {k: (g.file, g.precision) for k, g in b.manifest.graphs.items() if k != "crf"} == {
+        "detect": ("detect.int8.onnx", "int8"), "segment": ("segment.int8.onnx", "int8")}
+    assert not (out / "detect.onnx").exists() and not (out / "segment.onnx").exists()
+    measured = b.manifest.verification["int8"]
+    assert measured["images"] == 2 and measured["calibration_images"] == 3
+    assert 0 <= measured["peaks_identical"] <= 1 and measured["masks"] > 0
+
+    fp32 = tmp_path / "fp32"
+    export_bundle(prm, fill, fp32, ExportOptions(max_peaks=8, verify=False), log=lambda *_: None)
+    for key, iam_op in (("detect", "FindPeaks"), ("segment", "PropagateAffinity")):
+        model = onnx.load(out / f"{key}.int8.onnx")
+        ops = [n.op_type for n in model.graph.node]
+        assert iam_op in ops and static_check(model) == []
+        producer = {o: n for n in model.graph.node for o in n.output}
+        quantised = [n for n in model.graph.node if n.op_type == "Conv" and n.input[0] in producer
+                     and producer[n.input[0]].op_type == "DequantizeLinear"]
+        convs = [n for n in onnx.load(fp32 / f"{key}.onnx").graph.node if n.op_type == "Conv"]
+        if key == "detect":
+            assert len(quantised) == len(convs)
+        else:  # the backward pass only: the forward's activations steer the rule
+            assert {n.name for n in quantised} == set(backward_convs(onnx.load(fp32 / "segment.onnx")))
+
+    rgb = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(next(photos.iterdir())).convert("RGB"))
+    seg8 = Segmenter(b, OnnxRuntimeBackend(b, ["CPUExecutionProvider"]))
+    assert seg8.backend.fused_propagation
+    seg32 = Segmenter.from_bundle(fp32, providers=["CPUExecutionProvider"])
+    x = seg32.preprocess(rgb)
+    peaks = seg32.detect(x[None])[0]
+    assert len(peaks)
+    maps8, maps32 = seg8.segment(x, peaks), seg32.segment(x, peaks)
+    assert maps8.shape == maps32.shape
+    assert np.corrcoef(maps8.ravel(), maps32.ravel())[0, 1] > 0.9
+    assert len(seg8.predict(rgb)) > 0
+
+
+def test_int8_needs_calibration_images(tmp_path):
+    prm, fill = write_checkpoints(tmp_path)
+    args = ["onnx", "--prm", str(prm), "--filling", str(fill), "--out", str(tmp_path / "b"), "--precision", "int8"]
+    result = CliRunner().invoke(export_cli, args)
+    assert result.exit_code != 0 and "--calib-images" in result.output and "Traceback" not in result.output
+    (tmp_path / "empty").mkdir()
+    result = CliRunner().invoke(export_cli, [*args, "--calib-images", str(tmp_path / "empty")])
+    assert result.exit_code != 0 and "no readable images" in result.output
+    assert not (tmp_path / "b").exists()
 
 
 def _detect_outputs(maps: torch.Tensor, k: int) -> list[np.ndarray]:

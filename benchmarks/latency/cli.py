@@ -35,6 +35,7 @@ from .paths import (
     count_flops,
     gemm_rate,
     gemm_rate_cuda,
+    peaks_identical,
     reference_crf,
     reference_filling,
 )
@@ -63,9 +64,12 @@ from .report import chart, markdown_table
                    "reference still runs: it is the base of every speed-up).")
 @click.option("--photos", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help=f"More photos to benchmark on, after scikit-image's (default: ${PHOTOS_ENV}, if set).")
+@click.option("--calib-images", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Calibration images of the int8 bundle (default: the benchmark's own photos, in-sample).")
+@click.option("--int8/--no-int8", default=True, show_default=True, help="Also export and time an int8 bundle.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
 def main(backbone, image_size, num_peaks, batch_sizes, num_images, reference_images, steps, hidden, upsample, warmup,
-         crf_workers, no_crf, cpu_paths, photos, out) -> None:
+         crf_workers, no_crf, cpu_paths, photos, calib_images, int8, out) -> None:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     classes = [f"class{i}" for i in range(20)]
@@ -96,6 +100,22 @@ def main(backbone, image_size, num_peaks, batch_sizes, num_images, reference_ima
     export_bundle(ckpt / "prm.pt", ckpt / "filling.pt", bundle_dir, export_options, log=lambda *_: None)
     results["export_seconds"] = time.perf_counter() - t
     bundle = load_bundle(bundle_dir)
+    bundles = {"fp32": bundle_dir}
+    if int8:
+        import dataclasses
+
+        click.echo("exporting the int8 bundle ...")
+        calib = calib_images or out / "images"
+        results["config"]["int8_calibration"] = str(calib) if calib_images else "the benchmark's photos (in-sample)"
+        t = time.perf_counter()
+        try:
+            manifest = export_bundle(ckpt / "prm.pt", ckpt / "filling.pt", out / "bundle-int8", dataclasses.replace(
+                export_options, precision="int8", calib_images=calib, calib_count=64, verify=False),
+                log=lambda *_: None)
+            results["int8_export"] = {"seconds": time.perf_counter() - t, "vs_fp32": manifest.verification["int8"]}
+            bundles["int8"] = out / "bundle-int8"
+        except Exception as exc:  # noqa: BLE001 - recorded, the other paths go on
+            results["int8_export"] = {"failed": f"{type(exc).__name__}: {exc}"}
     size = (image_size, image_size)
 
     # ---------------- reference and torch paths (CPU, and CUDA where present) ----------------
@@ -197,11 +217,19 @@ def main(backbone, image_size, num_peaks, batch_sizes, num_images, reference_ima
     # the reference), the CRF at reduced resolution (faster, approximate), no CRF.
     variants = [("", "crf", 0, sizes), (f"-crf{FAST_CRF_SIDE}", "crf", FAST_CRF_SIDE, sizes[-1:])]
     variants += [("-nocrf", "threshold", 0, sizes)] if no_crf else []
-    engines = [(name, dict(bundle=str(bundle_dir), backend="onnxruntime", providers=providers))
+    engines = [(name, dict(bundle=str(bundle_dir), backend="onnxruntime", providers=providers), variants)
                for name, providers in provider_sets]
-    engines += _tensorrt_engines(out, bundle_dir, ckpt, export_options, results, sizes, num_peaks)
-    for name, engine in engines:
-        for suffix, refine, max_side, bs in [(*v[:3], b) for v in variants for b in v[3]]:
+    if cpu_paths:
+        # the segment graph's own propagation nodes instead of the fused kernel: the kernel's gain
+        engines.append(("onnxruntime-cpu-graphprop", dict(bundle=str(bundle_dir), backend="onnxruntime",
+                        providers=["CPUExecutionProvider"], propagation="graph"), [("", "crf", 0, sizes[:1])]))
+        if "int8" in bundles:
+            engines.append(("onnxruntime-cpu-int8", dict(bundle=str(bundles["int8"]), backend="onnxruntime",
+                            providers=["CPUExecutionProvider"]), variants))
+    engines += [(*e, variants) for e in _tensorrt_engines(out, bundles, ckpt, export_options, results, sizes,
+                                                          num_peaks)]
+    for name, engine, engine_variants in engines:
+        for suffix, refine, max_side, bs in [(*v[:3], b) for v in engine_variants for b in v[3]]:
             key = f"{name}-b{bs}{suffix}"
             run_dir = out / "runs" / key
             # iam-infer's defaults but for the peaks: every path segments the same num_peaks peaks
@@ -211,6 +239,9 @@ def main(backbone, image_size, num_peaks, batch_sizes, num_images, reference_ima
                 **engine, images=str(out / "images"), warmup_image=str(photos[0]), out=str(run_dir), options=options))
             if refine == "crf" and "failed" not in results["paths"][key]:
                 agreement[f"{name}{suffix}"] = _agreement(run_dir, ref_masks)
+                base = out / "runs" / f"onnxruntime-cpu-b{bs}{suffix}"
+                if "int8" in name and (base / "predictions.json").is_file():
+                    agreement[f"{name}{suffix}"]["peaks_identical_vs_fp32"] = peaks_identical(run_dir, base)
     results["agreement_onnxruntime_vs_reference"] = agreement.get("onnxruntime-cpu")
     results[f"agreement_onnxruntime_crf{FAST_CRF_SIDE}_vs_reference"] = agreement.get(f"onnxruntime-cpu-crf{FAST_CRF_SIDE}")
     results["agreement_vs_reference"] = agreement

@@ -151,12 +151,12 @@ def _runtime_path(out: Path, key: str, spec: dict) -> dict:
     return json.loads(result_path.read_text())
 
 
-def _tensorrt_engines(out: Path, bundle_dir: Path, ckpt: Path, export_options, results: dict, sizes: list[int],
-                      num_peaks: int) -> list[tuple[str, dict]]:
+def _tensorrt_engines(out: Path, bundles: dict[str, Path], ckpt: Path, export_options, results: dict,
+                      sizes: list[int], num_peaks: int) -> list[tuple[str, dict]]:
     """Native TensorRT engines for the runtime paths: fp32 (the fp32 bundle), fp16 (an fp16
-    bundle: TensorRT 11 is strongly typed) and INT8 (the detect graph quantised with Q/DQ,
-    calibrated on the benchmark's photos). Where TensorRT or a GPU is missing, or a build fails,
-    the path is recorded as skipped or failed with the reason."""
+    bundle: TensorRT 11 is strongly typed) and int8 (the int8 bundle's Q/DQ graphs, the same the
+    CPU int8 path runs). Where TensorRT or a GPU is missing, or a build fails, the path is
+    recorded as skipped or failed with the reason."""
     import dataclasses
     import shutil
 
@@ -183,14 +183,15 @@ def _tensorrt_engines(out: Path, bundle_dir: Path, ckpt: Path, export_options, r
             shutil.rmtree(target, ignore_errors=True)
             if precision == "fp16":
                 export_bundle(ckpt / "prm.pt", ckpt / "filling.pt", target,
-                              dataclasses.replace(export_options, fp16=True), log=lambda *_: None)
+                              dataclasses.replace(export_options, precision="fp16"), log=lambda *_: None)
+            elif precision in bundles:
+                shutil.copytree(bundles[precision], target)
             else:
-                shutil.copytree(bundle_dir, target)
+                raise RuntimeError(f"no {precision} bundle (its export failed)")
             t = time.perf_counter()
-            build_bundle_engines(target, BuildOptions(fp16=precision == "fp16", int8=precision == "int8",
-                                                      max_batch=max(sizes), opt_batch=max(sizes),
-                                                      max_segment_peaks=max(32, num_peaks), opt_segment_peaks=num_peaks),
-                                 calib_images=out / "images" if precision == "int8" else None, log=click.echo)
+            build_bundle_engines(target, BuildOptions(fp16=precision == "fp16", max_batch=max(sizes),
+                                                      opt_batch=max(sizes), max_segment_peaks=max(32, num_peaks),
+                                                      opt_segment_peaks=num_peaks), log=click.echo)
             results.setdefault("tensorrt_build_seconds", {})[precision] = time.perf_counter() - t
         except Exception as exc:  # noqa: BLE001 - recorded with its reason, the other paths go on
             results["paths"][name] = {"failed": f"{type(exc).__name__}: {exc}"}
@@ -204,6 +205,21 @@ def _path_result(times: list[dict]) -> dict:
     per_image = [sum(t.values()) for t in times]
     return {"stage_mean_s": stages, "end_to_end_per_image_s": statistics.median(per_image),
             "images_per_s": 1 / statistics.median(per_image), "latency": summarise(per_image), "peak_rss_mb": peak_rss_mb()}
+
+
+def _peak_sets(run_dir: Path) -> dict[str, list]:
+    preds = json.loads((run_dir / "predictions.json").read_text())
+    out: dict[str, list] = {}
+    for p in preds:
+        out.setdefault(p["image_id"], []).append((p["category_id"], *p["peak"]))
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def peaks_identical(run_dir: Path, base_dir: Path) -> float:
+    """Fraction of images whose instances' (class, peak) sets are those of the run in ``base_dir``."""
+    a, b = _peak_sets(run_dir), _peak_sets(base_dir)
+    images = set(a) | set(b)
+    return sum(a.get(i) == b.get(i) for i in images) / max(len(images), 1)
 
 
 def _agreement(run_dir: Path, ref_masks: dict) -> dict:

@@ -1,0 +1,174 @@
+"""int8 graphs: explicit Q/DQ (onnxruntime's static quantisation), per-channel symmetric int8
+weights and symmetric int8 activations (zero point 0, what TensorRT takes), calibrated with
+min/max ranges on images. The same graphs run on onnxruntime's CPU provider and build TensorRT
+engines.
+
+What is quantised, and why:
+
+* detect: every convolution (the backbone and the classifier). Peak finding stays fp32.
+* segment: the convolutions of peak backprop's backward pass (the transposed convolutions with
+  the positive weights, the bulk of the graph's work: one per conv per peak). The forward pass
+  stays fp32: its activations decide the backward rule's masks, shifts and max-pool routing
+  (which compares values for equality) and its normalisers 1 / (|N| + eps); quantised, they
+  zeroed every peak response map (measured: resnet50@448, 5 peaks, all maps 0). The filling
+  network stays fp32 (a small share of the work).
+
+The agreement of an int8 bundle with its fp32 graphs is measured at export on the calibration
+images and recorded in the manifest (``verification.int8``); it is not a parity check, so the
+export reports it rather than failing on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from iam_runtime.bundle import DETECT_INPUTS, SEGMENT_INPUTS
+
+CALIBRATION_PEAKS = 4  # per image, the highest
+AGREEMENT_PEAKS = 8  # per image, the highest (memory: resnet50@448 needs about 0.5 GB per peak)
+
+
+@dataclass
+class CalibrationSample:
+    image: np.ndarray  # (1, 3, S, S) float32, preprocessed
+    peaks: np.ndarray  # (P, 3) int64, the fp32 bundle's selected peaks of the image (may be empty)
+
+
+def _reader(items: list[dict]):
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.items = iter(items)
+
+        def get_next(self):
+            return next(self.items, None)
+
+    return Reader()
+
+
+def _quantize(model_path: Path, out_path: Path, feeds: list[dict], nodes: list[str] | None) -> None:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    if not feeds:
+        raise ValueError("no calibration inputs")
+    quantize_static(str(model_path), str(out_path), _reader(feeds), quant_format=QuantFormat.QDQ,
+                    op_types_to_quantize=["Conv"], nodes_to_quantize=nodes, per_channel=True,
+                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.MinMax,
+                    extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+
+
+def quantize_detect(model_path: Path, out_path: Path, images: list[np.ndarray]) -> None:
+    """Every Conv of the detect graph; ``images``: (1, 3, S, S) preprocessed arrays."""
+    _quantize(model_path, out_path, [{DETECT_INPUTS[0]: im} for im in images], None)
+
+
+def backward_convs(model: onnx.ModelProto) -> list[str]:
+    """The segment graph's backward-pass convolutions: those whose weights the graph derives from
+    the model's weights (positive part, transposed) rather than takes as they are."""
+    inits = {i.name for i in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    return [n.name for n in model.graph.node
+            if n.op_type == "Conv" and n.input[1] not in inits and n.input[1] in producer
+            and producer[n.input[1]].op_type == "Transpose"]
+
+
+def fold_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Constant-fold the main graph (the backward weights become initialisers, so that they get
+    per-channel scales); function bodies are left as they are."""
+    import onnx_ir
+    import onnxscript.optimizer
+
+    ir_model = onnx_ir.from_proto(model)
+    onnxscript.optimizer.fold_constants(ir_model, onnx_shape_inference=False, input_size_limit=1 << 31,
+                                        output_size_limit=1 << 31)
+    return onnx_ir.to_proto(ir_model)
+
+
+def quantize_segment(model_path: Path, out_path: Path, samples: list[CalibrationSample]) -> None:
+    model = onnx.load(str(model_path))
+    nodes = backward_convs(model)
+    if not nodes:
+        raise ValueError(f"{model_path} has no backward-pass convolutions to quantise")
+    folded = out_path.with_name(out_path.stem + ".folded.onnx")
+    onnx.save(fold_weights(model), folded)
+    try:
+        # Each peak's backward pass is its own (the quantised convolutions mix no peaks), so a few
+        # peaks per image give the ranges; all of them would multiply the calibration's memory.
+        feeds = [dict(zip(SEGMENT_INPUTS, [s.image, s.peaks[:CALIBRATION_PEAKS]])) for s in samples if len(s.peaks)]
+        if not feeds:
+            raise ValueError("no calibration image has a peak to segment")
+        _quantize(folded, out_path, feeds, nodes)
+    finally:
+        folded.unlink(missing_ok=True)
+
+
+def agreement(fp32: dict[str, Path], int8: dict[str, Path], samples: list[CalibrationSample],
+              max_peaks: int, mask_threshold: float = 0.5) -> dict:
+    """On ``samples``: the fraction of images whose detected peaks are identical (coordinates, in
+    order), and the mean IoU of the activation maps' masks (>= ``mask_threshold``) per peak, both
+    segment graphs given the fp32 graph's first ``max_peaks`` selected peaks."""
+    import onnxruntime as ort
+
+    session = lambda p: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])  # noqa: E731
+    det = [session(fp32["detect"]), session(int8["detect"])]
+    seg = [session(fp32["segment"]), session(int8["segment"])]
+    same, ious = [], []
+    for s in samples:
+        a, b = (d.run(None, {DETECT_INPUTS[0]: s.image}) for d in det)
+        ca, cb = (out[1][0, : int(out[3][0])] for out in (a, b))
+        same.append(bool(np.array_equal(ca, cb)))
+        if len(s.peaks):
+            peaks = s.peaks[:max_peaks]
+            ma, mb = (g.run(None, dict(zip(SEGMENT_INPUTS, [s.image, peaks])))[1] >= mask_threshold for g in seg)
+            for x, y in zip(ma, mb):
+                union = np.logical_or(x, y).sum()
+                ious.append(float(np.logical_and(x, y).sum() / union) if union else 1.0)
+    return {"images": len(samples), "peaks_identical": float(np.mean(same)) if same else None,
+            "mask_iou_mean": float(np.mean(ious)) if ious else None,
+            "mask_iou_min": float(np.min(ious)) if ious else None, "masks": len(ious)}
+
+
+def quantize_bundle(root: Path, calib_images: Path, count: int, log=print):
+    """Turn the fp32 bundle at ``root`` (complete, manifest included) into an int8 one, in place:
+    the calibration images' peaks come from the fp32 bundle as the runtime selects them; the first
+    three quarters of the images calibrate, the rest measure the agreement (all of them when
+    fewer than 4). Returns the new manifest; the agreement is its ``verification["int8"]``."""
+    from iam_runtime.backends import OnnxRuntimeBackend
+    from iam_runtime.bundle import load_bundle, save_manifest, sha256_file
+    from iam_runtime.images import calibration_batches
+    from iam_runtime.segmenter import Segmenter
+
+    bundle = load_bundle(root)
+    manifest = bundle.manifest
+    images = calibration_batches(calib_images, manifest, limit=count)
+    segmenter = Segmenter(bundle, OnnxRuntimeBackend(bundle, ["CPUExecutionProvider"]))
+    samples = [CalibrationSample(im, segmenter.detect(im)[0].coords) for im in images]
+    split = len(samples) * 3 // 4 if len(samples) >= 4 else len(samples)
+    calibration, held_out = samples[:split], samples[split:] or samples
+    log(f"int8: calibrating on {len(calibration)} images of {calib_images}, measuring on {len(held_out)}"
+        + ("" if samples[split:] else " (the same: fewer than 4 images)"))
+    fp32 = {key: bundle.graph_path(key) for key in ("detect", "segment")}
+    int8 = {key: root / f"{key}.int8.onnx" for key in fp32}
+    quantize_detect(fp32["detect"], int8["detect"], [s.image for s in calibration])
+    quantize_segment(fp32["segment"], int8["segment"], calibration)
+    del segmenter  # its sessions; the agreement opens four more
+    measured = agreement(fp32, int8, held_out, AGREEMENT_PEAKS, manifest.filling.mask_threshold)
+    measured["calibration_images"] = len(calibration)
+    for key, path in int8.items():
+        spec = manifest.graphs[key]
+        fp32[key].unlink()
+        spec.file, spec.sha256, spec.precision = path.name, sha256_file(path), "int8"
+    manifest.verification["int8"] = measured
+    save_manifest(root, manifest)
+    log(f"int8 against fp32 on {measured['images']} images: peaks identical on {measured['peaks_identical']:.0%}, "
+        f"activation masks mean IoU {measured['mask_iou_mean']:.3f} (min {measured['mask_iou_min']:.3f}, "
+        f"{measured['masks']} masks)" if measured["masks"] else
+        f"int8 against fp32 on {measured['images']} images: peaks identical on {measured['peaks_identical']:.0%}; "
+        "no peaks to compare masks on")
+    return manifest
