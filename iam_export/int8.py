@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from iam_runtime.bundle import DETECT_INPUTS, SEGMENT_INPUTS
+from iam_runtime.bundle import DETECT_INPUTS, DETECT_OUTPUTS, SEGMENT_INPUTS, SEGMENT_OUTPUTS
 
 CALIBRATION_PEAKS = 4  # per image, the highest
 AGREEMENT_PEAKS = 8  # per image, the highest (memory: resnet50@448 needs about 0.5 GB per peak)
@@ -108,24 +108,43 @@ def quantize_segment(model_path: Path, out_path: Path, samples: list[Calibration
         folded.unlink(missing_ok=True)
 
 
-def agreement(fp32: dict[str, Path], int8: dict[str, Path], samples: list[CalibrationSample],
-              max_peaks: int, mask_threshold: float = 0.5) -> dict:
-    """On ``samples``: the fraction of images whose detected peaks are identical (coordinates, in
-    order), and the mean IoU of the activation maps' masks (>= ``mask_threshold``) per peak, both
-    segment graphs given the fp32 graph's first ``max_peaks`` selected peaks."""
-    import onnxruntime as ort
+class _Sessions:
+    """The engine interface of :class:`iam_runtime.segmenter.Segmenter` over two graph files, so
+    that an int8 graph's peaks are selected exactly as the runtime selects them."""
 
-    session = lambda p: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])  # noqa: E731
-    det = [session(fp32["detect"]), session(int8["detect"])]
-    seg = [session(fp32["segment"]), session(int8["segment"])]
+    device = "cpu"
+
+    def __init__(self, paths: dict[str, Path]):
+        import onnxruntime as ort
+
+        self.sessions = {k: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for k, p in paths.items()}
+
+    def detect(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        return dict(zip(DETECT_OUTPUTS, self.sessions["detect"].run(list(DETECT_OUTPUTS), {DETECT_INPUTS[0]: images})))
+
+    def segment(self, image: np.ndarray, peaks: np.ndarray) -> dict[str, np.ndarray]:
+        out = self.sessions["segment"].run(list(SEGMENT_OUTPUTS), dict(zip(SEGMENT_INPUTS, [image, peaks])))
+        return dict(zip(SEGMENT_OUTPUTS, out))
+
+
+def agreement(bundle, int8: dict[str, Path], samples: list[CalibrationSample], max_peaks: int) -> dict:
+    """On ``samples`` (their fp32 peaks selected as the runtime does): the fraction of images whose
+    int8 graphs select the same peaks (the same (class, y, x) set), and the mean IoU of the
+    activation maps' masks (>= the bundle's mask threshold) per peak, both segment graphs given
+    the fp32 graph's first ``max_peaks`` peaks."""
+    from iam_runtime.segmenter import Segmenter
+
+    fp32 = _Sessions({key: bundle.graph_path(key) for key in int8})
+    quantised = _Sessions(int8)
+    selector = Segmenter(bundle, quantised)
+    threshold = bundle.manifest.filling.mask_threshold
     same, ious = [], []
     for s in samples:
-        a, b = (d.run(None, {DETECT_INPUTS[0]: s.image}) for d in det)
-        ca, cb = (out[1][0, : int(out[3][0])] for out in (a, b))
-        same.append(bool(np.array_equal(ca, cb)))
+        got = selector.detect(s.image)[0].coords
+        same.append(sorted(map(tuple, got.tolist())) == sorted(map(tuple, s.peaks.tolist())))
         if len(s.peaks):
-            peaks = s.peaks[:max_peaks]
-            ma, mb = (g.run(None, dict(zip(SEGMENT_INPUTS, [s.image, peaks])))[1] >= mask_threshold for g in seg)
+            peaks = np.ascontiguousarray(s.peaks[:max_peaks])
+            ma, mb = (engine.segment(s.image, peaks)["iam"] >= threshold for engine in (fp32, quantised))
             for x, y in zip(ma, mb):
                 union = np.logical_or(x, y).sum()
                 ious.append(float(np.logical_and(x, y).sum() / union) if union else 1.0)
@@ -147,7 +166,8 @@ def quantize_bundle(root: Path, calib_images: Path, count: int, log=print):
     bundle = load_bundle(root)
     manifest = bundle.manifest
     images = calibration_batches(calib_images, manifest, limit=count)
-    segmenter = Segmenter(bundle, OnnxRuntimeBackend(bundle, ["CPUExecutionProvider"]))
+    # detect only: the propagation's kernel (and numba's threads) stay out of the exporting process
+    segmenter = Segmenter(bundle, OnnxRuntimeBackend(bundle, ["CPUExecutionProvider"], propagation="graph"))
     samples = [CalibrationSample(im, segmenter.detect(im)[0].coords) for im in images]
     split = len(samples) * 3 // 4 if len(samples) >= 4 else len(samples)
     calibration, held_out = samples[:split], samples[split:] or samples
@@ -158,7 +178,7 @@ def quantize_bundle(root: Path, calib_images: Path, count: int, log=print):
     quantize_detect(fp32["detect"], int8["detect"], [s.image for s in calibration])
     quantize_segment(fp32["segment"], int8["segment"], calibration)
     del segmenter  # its sessions; the agreement opens four more
-    measured = agreement(fp32, int8, held_out, AGREEMENT_PEAKS, manifest.filling.mask_threshold)
+    measured = agreement(bundle, int8, held_out, AGREEMENT_PEAKS)
     measured["calibration_images"] = len(calibration)
     for key, path in int8.items():
         spec = manifest.graphs[key]
