@@ -32,6 +32,9 @@ def main() -> None:
                    "agreement with fp32 measured and recorded.")
 @click.option("--calib-images", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="With --precision int8: a folder of representative images.")
+@click.option("--int8-activations", type=click.Choice(["u8", "s8"]), default="u8", show_default=True,
+              help="With --precision int8: u8 = asymmetric activations, onnxruntime's fast CPU path; s8 = symmetric "
+                   "(zero point 0), what TensorRT takes (slower than fp32 on onnxruntime's CPU provider).")
 @click.option("--calib-count", default=16, show_default=True, type=click.IntRange(min=2),
               help="With --precision int8: images read from --calib-images (three quarters calibrate, the rest "
                    "measure the agreement with fp32).")
@@ -54,7 +57,8 @@ def main() -> None:
               help="BatchNorm of the filling network at inference: running statistics, or the statistics of "
                    "each image's peaks together [reference: batch; ours: running].")
 @click.option("--force", is_flag=True, help="Replace a non-empty --out.")
-def export_onnx(prm, filling, out, image_size, opset, max_peaks, precision, calib_images, calib_count, verify, from_reference, reference_config,
+def export_onnx(prm, filling, out, image_size, opset, max_peaks, precision, calib_images, int8_activations, calib_count,
+                verify, from_reference, reference_config,
                 steps, class_threshold, peak_threshold, nms_iou, filling_normalization, force) -> None:
     """Write an ONNX bundle (detect + segment graphs, manifest) and verify it."""
     from iam_runtime.bundle import describe_semantics
@@ -64,7 +68,8 @@ def export_onnx(prm, filling, out, image_size, opset, max_peaks, precision, cali
     from .export_onnx import ExportError, export_bundle, options_from
 
     options = options_from(image_size=image_size, opset=opset, max_peaks=max_peaks, precision=precision,
-                           calib_images=calib_images, calib_count=calib_count, verify=verify,
+                           calib_images=calib_images, int8_activations=int8_activations, calib_count=calib_count,
+                           verify=verify,
                            from_reference=from_reference, reference_config=reference_config, steps=steps,
                            class_threshold=class_threshold, peak_threshold=peak_threshold, nms_iou=nms_iou,
                            filling_normalization=filling_normalization, force=force)

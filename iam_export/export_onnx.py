@@ -64,6 +64,7 @@ class ExportOptions:
     max_peaks: int = 100
     precision: str = "fp32"  # fp32 | fp16 (convolution trunk) | int8 (Q/DQ, calibrated on calib_images)
     calib_images: str | Path | None = None  # with int8: a folder of representative images
+    int8_activations: str = "u8"  # with int8: u8 (onnxruntime's fast CPU path) | s8 (symmetric: TensorRT)
     calib_count: int = 16  # with int8: images used (the fp32 peaks of the later quarter measure the agreement)
     verify: bool = True
     from_reference: bool = False
@@ -317,7 +318,8 @@ def export_bundle(prm: str | Path, filling: str | Path, out: str | Path, options
             from .int8 import quantize_bundle
 
             try:
-                manifest = quantize_bundle(tmp, Path(options.calib_images), options.calib_count, log)
+                manifest = quantize_bundle(tmp, Path(options.calib_images), options.calib_count,
+                                           options.int8_activations, log)
             except ValueError as exc:
                 raise ExportError(f"int8: {exc}") from exc
         if out.exists():

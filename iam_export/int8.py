@@ -1,7 +1,12 @@
 """int8 graphs: explicit Q/DQ (onnxruntime's static quantisation), per-channel symmetric int8
-weights and symmetric int8 activations (zero point 0, what TensorRT takes), calibrated with
-min/max ranges on images. The same graphs run on onnxruntime's CPU provider and build TensorRT
-engines.
+weights, activations calibrated with min/max ranges on images, in one of two forms:
+
+* ``u8`` (default): asymmetric uint8 activations, onnxruntime's fast path on x86 (U8S8): the
+  resnet50@448 detect graph ran at 0.067 s per image against 0.118 s in fp32 (batch 8, 2 cores);
+* ``s8``: symmetric int8 activations (zero point 0), what TensorRT takes; on onnxruntime's CPU
+  provider slower than fp32 (0.130 s per image, the same run).
+
+Both run anywhere onnxruntime does; TensorRT engines are built from ``s8`` bundles.
 
 What is quantised, and why:
 
@@ -51,21 +56,28 @@ def _reader(items: list[dict]):
     return Reader()
 
 
-def _quantize(model_path: Path, out_path: Path, feeds: list[dict], nodes: list[str] | None) -> None:
+ACTIVATIONS = ("u8", "s8")
+
+
+def _quantize(model_path: Path, out_path: Path, feeds: list[dict], nodes: list[str] | None,
+              activations: str) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"unknown int8 activations {activations!r}; choose one of {', '.join(ACTIVATIONS)}")
     if not feeds:
         raise ValueError("no calibration inputs")
+    symmetric = activations == "s8"
     quantize_static(str(model_path), str(out_path), _reader(feeds), quant_format=QuantFormat.QDQ,
                     op_types_to_quantize=["Conv"], nodes_to_quantize=nodes, per_channel=True,
-                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                    activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8, weight_type=QuantType.QInt8,
                     calibrate_method=CalibrationMethod.MinMax,
-                    extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+                    extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True})
 
 
-def quantize_detect(model_path: Path, out_path: Path, images: list[np.ndarray]) -> None:
+def quantize_detect(model_path: Path, out_path: Path, images: list[np.ndarray], activations: str = "u8") -> None:
     """Every Conv of the detect graph; ``images``: (1, 3, S, S) preprocessed arrays."""
-    _quantize(model_path, out_path, [{DETECT_INPUTS[0]: im} for im in images], None)
+    _quantize(model_path, out_path, [{DETECT_INPUTS[0]: im} for im in images], None, activations)
 
 
 def backward_convs(model: onnx.ModelProto) -> list[str]:
@@ -90,7 +102,8 @@ def fold_weights(model: onnx.ModelProto) -> onnx.ModelProto:
     return onnx_ir.to_proto(ir_model)
 
 
-def quantize_segment(model_path: Path, out_path: Path, samples: list[CalibrationSample]) -> None:
+def quantize_segment(model_path: Path, out_path: Path, samples: list[CalibrationSample],
+                     activations: str = "u8") -> None:
     model = onnx.load(str(model_path))
     nodes = backward_convs(model)
     if not nodes:
@@ -103,7 +116,7 @@ def quantize_segment(model_path: Path, out_path: Path, samples: list[Calibration
         feeds = [dict(zip(SEGMENT_INPUTS, [s.image, s.peaks[:CALIBRATION_PEAKS]])) for s in samples if len(s.peaks)]
         if not feeds:
             raise ValueError("no calibration image has a peak to segment")
-        _quantize(folded, out_path, feeds, nodes)
+        _quantize(folded, out_path, feeds, nodes, activations)
     finally:
         folded.unlink(missing_ok=True)
 
@@ -153,7 +166,7 @@ def agreement(bundle, int8: dict[str, Path], samples: list[CalibrationSample], m
             "mask_iou_min": float(np.min(ious)) if ious else None, "masks": len(ious)}
 
 
-def quantize_bundle(root: Path, calib_images: Path, count: int, log=print):
+def quantize_bundle(root: Path, calib_images: Path, count: int, activations: str = "u8", log=print):
     """Turn the fp32 bundle at ``root`` (complete, manifest included) into an int8 one, in place:
     the calibration images' peaks come from the fp32 bundle as the runtime selects them; the first
     three quarters of the images calibrate, the rest measure the agreement (all of them when
@@ -175,11 +188,11 @@ def quantize_bundle(root: Path, calib_images: Path, count: int, log=print):
         + ("" if samples[split:] else " (the same: fewer than 4 images)"))
     fp32 = {key: bundle.graph_path(key) for key in ("detect", "segment")}
     int8 = {key: root / f"{key}.int8.onnx" for key in fp32}
-    quantize_detect(fp32["detect"], int8["detect"], [s.image for s in calibration])
-    quantize_segment(fp32["segment"], int8["segment"], calibration)
+    quantize_detect(fp32["detect"], int8["detect"], [s.image for s in calibration], activations)
+    quantize_segment(fp32["segment"], int8["segment"], calibration, activations)
     del segmenter  # its sessions; the agreement opens four more
     measured = agreement(bundle, int8, held_out, AGREEMENT_PEAKS)
-    measured["calibration_images"] = len(calibration)
+    measured.update(calibration_images=len(calibration), activations=activations)
     for key, path in int8.items():
         spec = manifest.graphs[key]
         fp32[key].unlink()

@@ -187,10 +187,14 @@ def build_engine(trt, model: onnx.ModelProto, profiles: dict[str, list[list[int]
 
 def build_bundle_engines(bundle_dir: str | Path, options: BuildOptions, log=print) -> list[EngineSpec]:
     """Build an engine per graph, write it beside the graphs and record it in the manifest."""
-    trt = import_tensorrt()
-    gpu, capability = gpu_identity()
     bundle = load_bundle(bundle_dir)
     manifest = bundle.manifest
+    activations = manifest.verification.get("int8", {}).get("activations")
+    if any(g.precision == "int8" for g in manifest.graphs.values()) and activations != "s8":
+        raise ValueError(f"{bundle_dir} is an int8 bundle with {activations} activations; TensorRT takes symmetric "
+                         "int8 only: export it with --precision int8 --int8-activations s8")
+    trt = import_tensorrt()
+    gpu, capability = gpu_identity()
     engines = []
     for key in REQUIRED_GRAPHS:  # the network; the CRF graph stays on onnxruntime's CUDA provider (its
         graph = manifest.graphs[key]  # scatter with reduction is nothing TensorRT takes)

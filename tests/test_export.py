@@ -293,15 +293,26 @@ def test_int8_bundle_from_the_cli(tmp_path):
         "detect": ("detect.int8.onnx", "int8"), "segment": ("segment.int8.onnx", "int8")}
     assert not (out / "detect.onnx").exists() and not (out / "segment.onnx").exists()
     measured = b.manifest.verification["int8"]
-    assert measured["images"] == 2 and measured["calibration_images"] == 3
+    assert measured["images"] == 2 and measured["calibration_images"] == 3 and measured["activations"] == "u8"
     assert 0 <= measured["peaks_identical"] <= 1 and measured["masks"] > 0
 
     fp32 = tmp_path / "fp32"
     export_bundle(prm, fill, fp32, ExportOptions(max_peaks=8, verify=False), log=lambda *_: None)
+    # TensorRT takes symmetric int8 only: a u8 bundle is refused with the way out
+    result = CliRunner().invoke(export_cli, ["tensorrt", str(out)])
+    assert result.exit_code != 0 and "--int8-activations s8" in result.output and "Traceback" not in result.output
+    s8 = tmp_path / "int8-s8"
+    result = CliRunner().invoke(export_cli, ["onnx", "--prm", str(prm), "--filling", str(fill), "--out", str(s8),
+                                             "--max-peaks", "8", "--precision", "int8", "--int8-activations", "s8",
+                                             "--calib-images", str(photos), "--no-verify"])
+    assert result.exit_code == 0, result.output
+    zero_points = [t for t in onnx.load(s8 / "detect.int8.onnx").graph.initializer if t.name.endswith("_zero_point")]
+    assert zero_points and all(not onnx.numpy_helper.to_array(t).any() for t in zero_points)
     for key, iam_op in (("detect", "FindPeaks"), ("segment", "PropagateAffinity")):
-        model = onnx.load(out / f"{key}.int8.onnx")
+        model = onnx.load(s8 / f"{key}.int8.onnx")
         ops = [n.op_type for n in model.graph.node]
         assert iam_op in ops and static_check(model) == []
+        model = onnx.load(out / f"{key}.int8.onnx")
         producer = {o: n for n in model.graph.node for o in n.output}
         quantised = [n for n in model.graph.node if n.op_type == "Conv" and n.input[0] in producer
                      and producer[n.input[0]].op_type == "DequantizeLinear"]

@@ -228,8 +228,8 @@ def main(backbone, image_size, num_peaks, batch_sizes, num_images, reference_ima
         if "int8" in bundles:
             engines.append(("onnxruntime-cpu-int8", dict(bundle=str(bundles["int8"]), backend="onnxruntime",
                             providers=["CPUExecutionProvider"]), variants))
-    engines += [(*e, variants) for e in _tensorrt_engines(out, bundles, ckpt, export_options, results, sizes,
-                                                          num_peaks)]
+    engines += [(*e, variants) for e in _tensorrt_engines(out, bundle_dir, ckpt, export_options, results, sizes,
+                                                          num_peaks, calib_images or out / "images")]
     for name, engine, engine_variants in engines:
         for suffix, refine, max_side, bs in [(*v[:3], b) for v in engine_variants for b in v[3]]:
             key = f"{name}-b{bs}{suffix}"

@@ -151,12 +151,12 @@ def _runtime_path(out: Path, key: str, spec: dict) -> dict:
     return json.loads(result_path.read_text())
 
 
-def _tensorrt_engines(out: Path, bundles: dict[str, Path], ckpt: Path, export_options, results: dict,
-                      sizes: list[int], num_peaks: int) -> list[tuple[str, dict]]:
+def _tensorrt_engines(out: Path, bundle_dir: Path, ckpt: Path, export_options, results: dict,
+                      sizes: list[int], num_peaks: int, calib: Path) -> list[tuple[str, dict]]:
     """Native TensorRT engines for the runtime paths: fp32 (the fp32 bundle), fp16 (an fp16
-    bundle: TensorRT 11 is strongly typed) and int8 (the int8 bundle's Q/DQ graphs, the same the
-    CPU int8 path runs). Where TensorRT or a GPU is missing, or a build fails, the path is
-    recorded as skipped or failed with the reason."""
+    bundle: TensorRT 11 is strongly typed) and int8 (an int8 bundle with symmetric activations,
+    ``--int8-activations s8``, calibrated on ``calib``). Where TensorRT or a GPU is missing, or a
+    build fails, the path is recorded as skipped or failed with the reason."""
     import dataclasses
     import shutil
 
@@ -181,13 +181,13 @@ def _tensorrt_engines(out: Path, bundles: dict[str, Path], ckpt: Path, export_op
         target = out / f"bundle-{name}"
         try:
             shutil.rmtree(target, ignore_errors=True)
-            if precision == "fp16":
-                export_bundle(ckpt / "prm.pt", ckpt / "filling.pt", target,
-                              dataclasses.replace(export_options, precision="fp16"), log=lambda *_: None)
-            elif precision in bundles:
-                shutil.copytree(bundles[precision], target)
+            if precision == "fp32":
+                shutil.copytree(bundle_dir, target)
             else:
-                raise RuntimeError(f"no {precision} bundle (its export failed)")
+                int8 = dict(int8_activations="s8", calib_images=calib, calib_count=64) if precision == "int8" else {}
+                export_bundle(ckpt / "prm.pt", ckpt / "filling.pt", target,
+                              dataclasses.replace(export_options, precision=precision, **int8),
+                              log=lambda *_: None)
             t = time.perf_counter()
             build_bundle_engines(target, BuildOptions(fp16=precision == "fp16", max_batch=max(sizes),
                                                       opt_batch=max(sizes), max_segment_peaks=max(32, num_peaks),
