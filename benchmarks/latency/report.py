@@ -9,13 +9,17 @@ import numpy as np
 from .paths import FAST_CRF_SIDE, STAGES
 
 
+def _fp32_cpu(path: str) -> bool:
+    return not any(tag in path for tag in ("cuda", "tensorrt", "int8"))
+
+
 def demonstrated_limit(flops: dict) -> tuple[float, str]:
-    """The CPU's fp32 limit as this run shows it: the best of the GEMM's rate and every CPU
+    """The CPU's fp32 limit as this run shows it: the best of the GEMM's rate and every fp32 CPU
     path's graph rates (FLOPs counted / seconds measured), with where it was reached. A GEMM rate
-    below a graph's own is not a limit."""
+    below a graph's own is not a limit. int8 paths do not count: their FLOPs are not fp32's."""
     candidates = [(flops["gemm_flops_per_s"], "the fp32 GEMM")]
     for path, parts in flops.get("achieved_per_path", {}).items():
-        if "cuda" in path or "tensorrt" in path:
+        if not _fp32_cpu(path):
             continue
         candidates += [(rate, f"{path} {part} graph") for part, rate in parts.items() if rate]
     return max(candidates)
@@ -73,10 +77,10 @@ def markdown_table(results: dict) -> str:
                  + ", ".join(f"{k.split('_')[0]} {v / 1e9:.0f} GFLOP/s" for k, v in f.items()
                              if k.endswith("achieved_flops_per_s") and v))
     rate, source = demonstrated_limit(f)
-    best = {part: max((v.get(part, 0.0) for k, v in f.get("achieved_per_path", {}).items() if "cuda" not in k
-                       and "tensorrt" not in k), default=0.0) for part in ("detect", "segment")}
+    best = {part: max((v.get(part, 0.0) for k, v in f.get("achieved_per_path", {}).items() if _fp32_cpu(k)),
+                      default=0.0) for part in ("detect", "segment")}
     lines.append(f"Limit: {rate / 1e9:.0f} GFLOP/s, the best fp32 rate this CPU reached in this run ({source}); the "
-                 f"best segment graph ran at {best['segment'] / rate:.0%} of it, the best detect graph at "
+                 f"best fp32 segment graph ran at {best['segment'] / rate:.0%} of it, the best detect graph at "
                  f"{best['detect'] / rate:.0%}")
     if any("stage_mean_s" in r and ("cuda" in n or "tensorrt" in n) for n, r in results["paths"].items()):
         lines.append("On a GPU engine the runtime's CRF runs in worker processes overlapped with the engine: its "
