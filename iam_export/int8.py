@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from iam_runtime.bundle import DETECT_INPUTS, DETECT_OUTPUTS, SEGMENT_INPUTS, SEGMENT_OUTPUTS
+from iam_runtime.bundle import DETECT_INPUTS, SEGMENT_INPUTS
 
 CALIBRATION_PEAKS = 4  # per image, the highest
 AGREEMENT_PEAKS = 8  # per image, the highest (memory: resnet50@448 needs about 0.5 GB per peak)
@@ -121,43 +121,20 @@ def quantize_segment(model_path: Path, out_path: Path, samples: list[Calibration
         folded.unlink(missing_ok=True)
 
 
-class _Sessions:
-    """The engine interface of :class:`iam_runtime.segmenter.Segmenter` over two graph files, so
-    that an int8 graph's peaks are selected exactly as the runtime selects them."""
-
-    device = "cpu"
-
-    def __init__(self, paths: dict[str, Path]):
-        import onnxruntime as ort
-
-        self.sessions = {k: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for k, p in paths.items()}
-
-    def detect(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        return dict(zip(DETECT_OUTPUTS, self.sessions["detect"].run(list(DETECT_OUTPUTS), {DETECT_INPUTS[0]: images})))
-
-    def segment(self, image: np.ndarray, peaks: np.ndarray) -> dict[str, np.ndarray]:
-        out = self.sessions["segment"].run(list(SEGMENT_OUTPUTS), dict(zip(SEGMENT_INPUTS, [image, peaks])))
-        return dict(zip(SEGMENT_OUTPUTS, out))
-
-
-def agreement(bundle, int8: dict[str, Path], samples: list[CalibrationSample], max_peaks: int) -> dict:
-    """On ``samples`` (their fp32 peaks selected as the runtime does): the fraction of images whose
-    int8 graphs select the same peaks (the same (class, y, x) set), and the mean IoU of the
+def agreement(fp32, int8, samples: list[CalibrationSample], max_peaks: int) -> dict:
+    """``fp32`` and ``int8``: :class:`iam_runtime.segmenter.Segmenter` over each form of one
+    bundle. On ``samples`` (their fp32 peaks selected as the runtime does): the fraction of images
+    whose int8 graphs select the same peaks (the same (class, y, x) set), and the mean IoU of the
     activation maps' masks (>= the bundle's mask threshold) per peak, both segment graphs given
     the fp32 graph's first ``max_peaks`` peaks."""
-    from iam_runtime.segmenter import Segmenter
-
-    fp32 = _Sessions({key: bundle.graph_path(key) for key in int8})
-    quantised = _Sessions(int8)
-    selector = Segmenter(bundle, quantised)
-    threshold = bundle.manifest.filling.mask_threshold
+    threshold = fp32.manifest.filling.mask_threshold
     same, ious = [], []
     for s in samples:
-        got = selector.detect(s.image)[0].coords
+        got = int8.detect(s.image)[0].coords
         same.append(sorted(map(tuple, got.tolist())) == sorted(map(tuple, s.peaks.tolist())))
         if len(s.peaks):
             peaks = np.ascontiguousarray(s.peaks[:max_peaks])
-            ma, mb = (engine.segment(s.image, peaks)["iam"] >= threshold for engine in (fp32, quantised))
+            ma, mb = (seg.backend.segment(s.image, peaks)["iam"] >= threshold for seg in (fp32, int8))
             for x, y in zip(ma, mb):
                 union = np.logical_or(x, y).sum()
                 ious.append(float(np.logical_and(x, y).sum() / union) if union else 1.0)
@@ -171,37 +148,42 @@ def quantize_bundle(root: Path, calib_images: Path, count: int, activations: str
     the calibration images' peaks come from the fp32 bundle as the runtime selects them; the first
     three quarters of the images calibrate, the rest measure the agreement (all of them when
     fewer than 4). Returns the new manifest; the agreement is its ``verification["int8"]``."""
+    import copy
+
     from iam_runtime.backends import OnnxRuntimeBackend
-    from iam_runtime.bundle import load_bundle, save_manifest, sha256_file
+    from iam_runtime.bundle import Bundle, load_bundle, save_manifest, sha256_file
     from iam_runtime.images import calibration_batches
     from iam_runtime.segmenter import Segmenter
 
-    bundle = load_bundle(root)
-    manifest = bundle.manifest
-    images = calibration_batches(calib_images, manifest, limit=count)
-    # detect only: the propagation's kernel (and numba's threads) stay out of the exporting process
-    segmenter = Segmenter(bundle, OnnxRuntimeBackend(bundle, ["CPUExecutionProvider"], propagation="graph"))
-    samples = [CalibrationSample(im, segmenter.detect(im)[0].coords) for im in images]
+    def segmenter(bundle: Bundle) -> Segmenter:
+        # the graphs' own propagation: the kernel (and numba's threads) stay out of the exporting process
+        return Segmenter(bundle, OnnxRuntimeBackend(bundle, ["CPUExecutionProvider"], propagation="graph"))
+
+    fp32_bundle = load_bundle(root)
+    fp32 = segmenter(fp32_bundle)
+    images = calibration_batches(calib_images, fp32_bundle.manifest, limit=count)
+    samples = [CalibrationSample(im, fp32.detect(im)[0].coords) for im in images]
     split = len(samples) * 3 // 4 if len(samples) >= 4 else len(samples)
     calibration, held_out = samples[:split], samples[split:] or samples
     log(f"int8: calibrating on {len(calibration)} images of {calib_images}, measuring on {len(held_out)}"
         + ("" if samples[split:] else " (the same: fewer than 4 images)"))
-    fp32 = {key: bundle.graph_path(key) for key in ("detect", "segment")}
-    int8 = {key: root / f"{key}.int8.onnx" for key in fp32}
-    quantize_detect(fp32["detect"], int8["detect"], [s.image for s in calibration], activations)
-    quantize_segment(fp32["segment"], int8["segment"], calibration, activations)
-    del segmenter  # its sessions; the agreement opens four more
-    measured = agreement(bundle, int8, held_out, AGREEMENT_PEAKS)
-    measured.update(calibration_images=len(calibration), activations=activations)
-    for key, path in int8.items():
+    fp32_paths = {key: fp32_bundle.graph_path(key) for key in ("detect", "segment")}
+    manifest = copy.deepcopy(fp32_bundle.manifest)
+    for key, path in fp32_paths.items():
+        quantised = root / f"{key}.int8.onnx"
+        if key == "detect":
+            quantize_detect(path, quantised, [s.image for s in calibration], activations)
+        else:
+            quantize_segment(path, quantised, calibration, activations)
         spec = manifest.graphs[key]
-        fp32[key].unlink()
-        spec.file, spec.sha256, spec.precision = path.name, sha256_file(path), "int8"
+        spec.file, spec.sha256, spec.precision = quantised.name, sha256_file(quantised), "int8"
+    measured = agreement(fp32, segmenter(Bundle(root, manifest)), held_out, AGREEMENT_PEAKS)
+    measured.update(calibration_images=len(calibration), activations=activations)
+    for path in fp32_paths.values():
+        path.unlink()
     manifest.verification["int8"] = measured
     save_manifest(root, manifest)
-    log(f"int8 against fp32 on {measured['images']} images: peaks identical on {measured['peaks_identical']:.0%}, "
-        f"activation masks mean IoU {measured['mask_iou_mean']:.3f} (min {measured['mask_iou_min']:.3f}, "
-        f"{measured['masks']} masks)" if measured["masks"] else
-        f"int8 against fp32 on {measured['images']} images: peaks identical on {measured['peaks_identical']:.0%}; "
-        "no peaks to compare masks on")
+    summary = f"int8 against fp32 on {measured['images']} images: peaks identical on {measured['peaks_identical']:.0%}"
+    log(summary + (f", activation masks mean IoU {measured['mask_iou_mean']:.3f} (min {measured['mask_iou_min']:.3f}, "
+                   f"{measured['masks']} masks)" if measured["masks"] else "; no peaks to compare masks on"))
     return manifest

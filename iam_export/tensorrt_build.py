@@ -12,7 +12,6 @@ network.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,7 +78,6 @@ def inline_for_tensorrt(model: onnx.ModelProto) -> onnx.ModelProto:
 @dataclass
 class BuildOptions:
     fp16: bool = False
-    int8: bool = False
     workspace_gb: float = 4.0
     timing_cache: Path | None = None
     max_batch: int = 16
@@ -158,14 +156,15 @@ def parse_onnx(trt, model: onnx.ModelProto, strongly_typed: bool):
 
 def build_engine(trt, model: onnx.ModelProto, profiles: dict[str, list[list[int]]], options: BuildOptions) -> bytes:
     major = int(trt.__version__.split(".")[0])
-    strongly_typed = major >= 11 or not (options.fp16 or options.int8)
+    int8 = any(n.op_type == "QuantizeLinear" for n in model.graph.node)  # an int8 bundle's Q/DQ graph
+    strongly_typed = major >= 11 or not (options.fp16 or int8)
     builder, network, _, _ = parse_onnx(trt, model, strongly_typed)
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_gb * (1 << 30)))
     if not strongly_typed:  # TensorRT 10, weakly typed: precision by builder flags
         if options.fp16:
             config.set_flag(trt.BuilderFlag.FP16)
-        if options.int8:
+        if int8:
             config.set_flag(trt.BuilderFlag.INT8)
     if profiles:
         profile = builder.create_optimization_profile()
@@ -204,8 +203,7 @@ def build_bundle_engines(bundle_dir: str | Path, options: BuildOptions, log=prin
             precision = "fp16"  # TensorRT 10 flag path; on 11 export an fp16 bundle instead
         log(f"building {key} engine ({precision}) for {gpu} (sm {capability}) ...")
         profiles = profiles_for(key, graph.inputs, options)
-        graph_options = dataclasses.replace(options, int8=precision == "int8")  # Q/DQ: TensorRT 10 wants the flag
-        blob = build_engine(trt, onnx.load(path), profiles, graph_options)
+        blob = build_engine(trt, onnx.load(path), profiles, options)
         file = f"{key}.{precision}.sm{capability.replace('.', '')}.trt{trt.__version__}.engine"
         atomic_write_bytes(bundle.root / file, blob)
         engines.append(EngineSpec(key, file, sha256_file(bundle.root / file), gpu, capability, trt.__version__,

@@ -110,21 +110,19 @@ class OnnxRuntimeBackend:
         # CRF worker processes need (measured: 4.2 s/image spinning vs 3.1 s not, 2 cores).
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.log_severity_level = 3
-        self.sessions = {"detect": ort.InferenceSession(str(bundle.graph_path("detect")), sess_options=so,
-                                                        providers=chosen, provider_options=options)}
+        def session(model):  # a path or a serialised model
+            return ort.InferenceSession(model, sess_options=so, providers=chosen, provider_options=options)
+
+        self.sessions = {"detect": session(str(bundle.graph_path("detect")))}
         self.fused_propagation = self._use_fused(propagation, chosen)
         if self.fused_propagation:
             import onnx
 
             from .propagation import FusedSegmentGraph
 
-            self.sessions["segment"] = FusedSegmentGraph(
-                onnx.load(str(bundle.graph_path("segment"))),
-                lambda model: ort.InferenceSession(model, sess_options=so, providers=chosen, provider_options=options),
-                threads)
+            self.sessions["segment"] = FusedSegmentGraph(onnx.load(str(bundle.graph_path("segment"))), session, threads)
         else:
-            self.sessions["segment"] = ort.InferenceSession(str(bundle.graph_path("segment")), sess_options=so,
-                                                            providers=chosen, provider_options=options)
+            self.sessions["segment"] = session(str(bundle.graph_path("segment")))
         actual = self.sessions["detect"].get_providers()
         missing_gpu = [p for p in chosen if p in GPU_PROVIDERS and p not in actual]
         if missing_gpu:
@@ -139,20 +137,16 @@ class OnnxRuntimeBackend:
     def _use_fused(propagation: str, providers: list[str]) -> bool:
         from .propagation import fused_kernel_unavailable
 
-        on_cpu = all(p not in GPU_PROVIDERS for p in providers)
         if propagation == "graph":
             return False
-        if propagation == "fused":
-            if not on_cpu:
+        if any(p in GPU_PROVIDERS for p in providers):
+            if propagation == "fused":
                 raise BackendError("the fused propagation is a CPU kernel; with a GPU provider use propagation "
                                    "'graph' (or 'auto')")
-            reason = fused_kernel_unavailable()
-            if reason:
-                raise BackendError(f"the fused propagation cannot run here: {reason}")
-            return True
-        if not on_cpu:
             return False
         reason = fused_kernel_unavailable()
+        if reason and propagation == "fused":
+            raise BackendError(f"the fused propagation cannot run here: {reason}")
         if reason:
             log.warning("%s; the propagation runs as the segment graph's own nodes", reason)
         return reason is None

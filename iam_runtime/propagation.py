@@ -17,13 +17,10 @@ from __future__ import annotations
 
 import collections
 import functools
-import logging
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
-
-log = logging.getLogger(__name__)
 
 OP_DOMAIN, OP_TYPE = "iam", "PropagateAffinity"
 
@@ -35,7 +32,6 @@ def fused_kernel_unavailable() -> str | None:
     except Exception as exc:  # noqa: BLE001 - any import failure means: use the graph's own body
         return f"numba does not import ({exc})"
     return None
-
 
 
 @functools.cache
