@@ -63,7 +63,8 @@ def select_peaks(crm: Tensor, labels: Tensor, meta: PRMMetadata, limit: int) -> 
 
 
 class PeakTeacher:
-    """The frozen PRM network: features, peaks and peak response maps of images."""
+    """The frozen PRM network: features, peaks and peak response maps of images, from one
+    forward pass per batch (its :class:`~iam_train.models.peak_backprop.PeakTape`)."""
 
     def __init__(self, model: ResNetFCN, meta: PRMMetadata):
         self.model, self.meta = model, meta
@@ -73,13 +74,15 @@ class PeakTeacher:
 
     @torch.no_grad()
     def __call__(self, items: list[FillingItem], limit: int, device) -> tuple:
-        images = torch.stack([it.image for it in items]).to(device)
-        out = self.model(images)
+        """-> (BackboneOutput of the batch, PRMs (N, H, W), owners (N,) image index of each,
+        peaks (N, 3)); the last three None when no image has a peak."""
+        tape = self.backprop.record(torch.stack([it.image for it in items]).to(device))
+        out = tape.features
         prms, owners, peaks = [], [], []
         for i, item in enumerate(items):
             p = select_peaks(out.crm[i : i + 1].float(), item.labels, self.meta, limit)
             if len(p):
-                prms.append(self.backprop(images[i : i + 1], p))
+                prms.append(tape.backward(p, i))
                 owners.append(torch.full((len(p),), i, device=device))
                 peaks.append(p)
         if not prms:

@@ -79,3 +79,23 @@ def test_reference_form_refuses_training_mode():
     model = ResNetFCN("resnet18", num_classes=2)
     with pytest.raises(ValueError, match="eval mode"):
         reference_peak_response_maps(model, torch.randn(1, 3, 32, 32), torch.tensor([[0, 0, 0]]))
+
+
+def test_one_recorded_batch_gives_each_images_maps_and_the_networks_forward():
+    # The filling trainer finds peaks on the tape's crm and backprops from the same pass: per
+    # image, the batch's maps must be the one-image maps, and its outputs the network's.
+    g = torch.Generator().manual_seed(1)
+    model, _, _ = _model_and_peaks("resnet18", torch.float64, factor=4)
+    images = torch.randn(3, 3, 64, 64, generator=g, dtype=torch.float64)
+    images[1] *= 4.0  # a different minimum per image: the rule's shift must be per image
+    bp = PeakBackprop(model, upsample_factor=4)
+    with torch.no_grad():
+        tape = bp.record(images)
+        want = model(images)
+        for got, ref in zip(tape.features, want):
+            torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+        for i in range(3):
+            found = find_peaks(tape.features.crm[i : i + 1], upsample_factor=4, max_peaks=3)
+            peaks = found.coords[0, : found.counts[0]]
+            assert len(peaks) > 0
+            torch.testing.assert_close(tape.backward(peaks, i), bp(images[i : i + 1], peaks), rtol=1e-12, atol=1e-15)

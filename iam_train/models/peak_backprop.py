@@ -118,14 +118,19 @@ def interpolation_matrix(size_out: int, size_in: int, dtype: torch.dtype, device
     return mat.to(dtype=dtype, device=device)
 
 
+def _image(factor: Tensor, index: int) -> Tensor:
+    """Image ``index``'s slice (1, ...) of a per-image factor (B, ...); (1, ...) factors are shared."""
+    return factor if factor.shape[0] == 1 else factor[index : index + 1]
+
+
 class _ConvRule:
-    """The per-image factors of the modified rule at one conv (input x (1, Cin, H, W)): the
-    shifted input x - m, the positive weights and 1 / (|N| + eps) (0 where N < eps). Every
-    peak then costs one transposed convolution."""
+    """The per-image factors of the modified rule at one conv (input x (B, Cin, H, W)): the
+    shifted input x - m (m the minimum over each image), the positive weights and
+    1 / (|N| + eps) (0 where N < eps). Every peak then costs one transposed convolution."""
 
     def __init__(self, conv: nn.Conv2d, x: Tensor):
         self.conv = conv
-        self.shifted = x - x.min()
+        self.shifted = x - x.amin(dim=(1, 2, 3), keepdim=True)
         self.pos_w = F.relu(conv.weight)
         norm = F.conv2d(self.shifted, self.pos_w, None, conv.stride, conv.padding, conv.dilation, conv.groups)
         self.inv_norm = torch.where(norm < EPS, torch.zeros_like(norm), 1.0 / (norm.abs() + EPS))
@@ -139,9 +144,9 @@ class _ConvRule:
         ]
         return F.conv_transpose2d(z, self.pos_w, None, conv.stride, conv.padding, out_pad, conv.groups, conv.dilation)
 
-    def __call__(self, grad: Tensor) -> Tensor:
-        """The whole rule, unfolded: g_in = (x - m) * conv_transpose(g_out / (|N| + eps))."""
-        return self.shifted * self.transpose(grad * self.inv_norm)
+    def __call__(self, grad: Tensor, index: int = 0) -> Tensor:
+        """The whole rule for image ``index``, unfolded: g_in = (x - m) * conv_transpose(g_out / (|N| + eps))."""
+        return _image(self.shifted, index) * self.transpose(grad * _image(self.inv_norm, index))
 
 
 def _bn_scale(bn: nn.BatchNorm2d) -> Tensor:
@@ -150,7 +155,7 @@ def _bn_scale(bn: nn.BatchNorm2d) -> Tensor:
 
 
 def _maxpool_rule(pool: nn.MaxPool2d, x: Tensor, grad: Tensor) -> Tensor:
-    """Route (P, C, Ho, Wo) gradients to the first arg-max of each window of x (1, C, H, W),
+    """Route (P, C, Ho, Wo) gradients to the first arg-max of each window of one image's x (1, C, H, W),
     found by comparison with the pooled maximum (no index output, which TensorRT lacks)."""
     k, s, p = pool.kernel_size, pool.stride, pool.padding
     if pool.dilation != 1 or pool.ceil_mode:
@@ -215,14 +220,60 @@ class _BlockTape:
         else:
             self.shortcut, self.identity_mask = None, out_mask
 
-    def backward(self, grad: Tensor) -> Tensor:
-        """(P, Cout, Ho, Wo) gradient at the block output -> (P, Cin, H, W) at its input."""
-        g = self.rules[-1].transpose(grad * self.entry)
+    def backward(self, grad: Tensor, index: int = 0) -> Tensor:
+        """(P, Cout, Ho, Wo) gradient at the block output of image ``index`` -> (P, Cin, H, W)
+        at its input."""
+        g = self.rules[-1].transpose(grad * _image(self.entry, index))
         for rule, factor in zip(reversed(self.rules[:-1]), self.between):
-            g = rule.transpose(g * factor)
+            g = rule.transpose(g * _image(factor, index))
+        shifted = _image(self.shifted, index)
         if self.shortcut is not None:
-            return self.shifted * (g + self.shortcut.transpose(grad * self.shortcut_entry))
-        return self.shifted * g + grad * self.identity_mask
+            return shifted * (g + self.shortcut.transpose(grad * _image(self.shortcut_entry, index)))
+        return shifted * g + grad * _image(self.identity_mask, index)
+
+
+class PeakTape:
+    """An image batch's forward pass through a :class:`ResNetFCN` (BatchNorm in eval mode) that
+    keeps, per image, what peak backprop needs: the factors of every conv's modified rule, the
+    ReLU masks and the max-pool's input. Its outputs are the network's: ``features`` (a
+    :class:`BackboneOutput`, crm (B, C, h, w)), so peaks are found on the same pass that their
+    backprop then uses; no image pays for its forward twice."""
+
+    def __init__(self, net: ResNetFCN, images: Tensor, upsample_factor: int = 1):
+        conv1, bn1, _, pool = net.stem
+        self.net, self.upsample_factor = net, upsample_factor
+        self.s1 = F.relu(bn1(conv1(images)))
+        x = pool(self.s1)
+        self.blocks, stages = [], []
+        for layer in (net.layer1, net.layer2, net.layer3, net.layer4):
+            for block in layer:
+                self.blocks.append(_BlockTape(block, x))
+                x, self.blocks[-1].out = self.blocks[-1].out, None  # kept by the next block's factors only
+            stages.append(x)
+        self.features = BackboneOutput(net.classifier(x), *stages[:3])
+        self.head = _ConvRule(net.classifier, x)
+        self.stem_factor = (self.s1 > 0).to(images.dtype) * _bn_scale(bn1)
+        self.input = _ConvRule(conv1, images)
+
+    def seeds(self, peaks: Tensor, dtype: torch.dtype) -> Tensor:
+        """One-hot seeds on the upsampled grid, pulled back through the bilinear upsampling:
+        (P, C, h, w) = A_h[y]^T (x) A_w[x] on channel c."""
+        _, c, h, w = self.features.crm.shape
+        f = self.upsample_factor
+        rows = interpolation_matrix(h * f, h, dtype, peaks.device)[peaks[:, 1]]  # (P, h)
+        cols = interpolation_matrix(w * f, w, dtype, peaks.device)[peaks[:, 2]]  # (P, w)
+        onehot = (peaks[:, :1] == torch.arange(c, device=peaks.device)).to(dtype)  # (P, C)
+        return onehot[:, :, None, None] * (rows[:, :, None] * cols[:, None, :])[:, None]
+
+    def backward(self, peaks: Tensor, index: int = 0) -> Tensor:
+        """Image ``index``'s peaks (P, 3) int64 (class, y, x) on the upsampled CRM grid ->
+        (P, H, W) peak response maps, all peaks at once."""
+        dtype = self.s1.dtype
+        grad = self.head(self.seeds(peaks, dtype), index)
+        for block in reversed(self.blocks):
+            grad = block.backward(grad, index)
+        grad = _maxpool_rule(self.net.stem[3], _image(self.s1, index), grad) * _image(self.stem_factor, index)
+        return normalise_prm(self.input(grad, index))
 
 
 class PeakBackprop(nn.Module):
@@ -230,6 +281,8 @@ class PeakBackprop(nn.Module):
 
     forward(image (1, 3, H, W), peaks (P, 3) int64 (class, y, x) on the upsampled CRM grid)
     -> (P, H, W) peak response maps. Uses the backbone's weights; BatchNorm in eval mode.
+    ``record(images)`` is the forward half on its own: a :class:`PeakTape` whose crm gives the
+    peaks and whose ``backward`` gives each image's maps.
     """
 
     def __init__(self, backbone: ResNetFCN, upsample_factor: int = 1):
@@ -237,37 +290,9 @@ class PeakBackprop(nn.Module):
         self.backbone = backbone
         self.upsample_factor = upsample_factor
 
-    def seeds(self, crm_shape: torch.Size, peaks: Tensor, dtype: torch.dtype) -> Tensor:
-        """One-hot seeds on the upsampled grid, pulled back through the bilinear upsampling:
-        (P, C, h, w) = A_h[y]^T (x) A_w[x] on channel c."""
-        _, c, h, w = crm_shape
-        f = self.upsample_factor
-        rows = interpolation_matrix(h * f, h, dtype, peaks.device)[peaks[:, 1]]  # (P, h)
-        cols = interpolation_matrix(w * f, w, dtype, peaks.device)[peaks[:, 2]]  # (P, w)
-        onehot = (peaks[:, :1] == torch.arange(c, device=peaks.device)).to(dtype)  # (P, C)
-        return onehot[:, :, None, None] * (rows[:, :, None] * cols[:, None, :])[:, None]
+    def record(self, images: Tensor) -> PeakTape:
+        """(B, 3, H, W) -> the batch's :class:`PeakTape`."""
+        return PeakTape(self.backbone, images, self.upsample_factor)
 
     def forward(self, image: Tensor, peaks: Tensor) -> Tensor:
-        return self.with_features(image, peaks)[0]
-
-    def with_features(self, image: Tensor, peaks: Tensor) -> tuple[Tensor, BackboneOutput]:
-        """As forward, also returning the backbone outputs of the image's forward pass."""
-        net = self.backbone
-        conv1, bn1, _, pool = net.stem
-        # Forward, keeping the per-image factors of the backward rules.
-        s1 = F.relu(bn1(conv1(image)))
-        x = pool(s1)
-        tape, features = [], []
-        for layer in (net.layer1, net.layer2, net.layer3, net.layer4):
-            for block in layer:
-                tape.append(_BlockTape(block, x))
-                x = tape[-1].out
-            features.append(x)
-        crm = net.classifier(x)
-        # Backward, all peaks at once.
-        grad = _ConvRule(net.classifier, x)(self.seeds(crm.shape, peaks, image.dtype))
-        for block in reversed(tape):
-            grad = block.backward(grad)
-        grad = _maxpool_rule(pool, s1, grad) * ((s1 > 0).to(image.dtype) * _bn_scale(bn1))
-        grad = _ConvRule(conv1, image)(grad)
-        return normalise_prm(grad), BackboneOutput(crm, *features[:3])
+        return self.record(image).backward(peaks)
