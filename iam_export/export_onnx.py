@@ -17,6 +17,7 @@ import iam_runtime
 from iam_runtime.bundle import (
     DETECT_INPUTS,
     DETECT_OUTPUTS,
+    SEGMENT_CRM,
     SEGMENT_INPUTS,
     SEGMENT_OUTPUTS,
     CRFSpec,
@@ -181,7 +182,7 @@ def build_graphs(models: LoadedModels, options: ExportOptions) -> dict[str, onnx
     peaks = torch.export.Dim("peaks", min=1, max=4096)
     example_peaks = torch.tensor([[0, 0, 0], [0, 1, 1]], dtype=torch.int64)
     segment_model = _export(segment, (torch.randn(1, 3, s, s), example_peaks), (None, {0: peaks}),
-                            list(SEGMENT_INPUTS), list(SEGMENT_OUTPUTS), options.opset)
+                            list(SEGMENT_INPUTS), [*SEGMENT_OUTPUTS, SEGMENT_CRM], options.opset)
     f = models.filling
     onnx_ops.attach_functions(segment_model, [onnx_ops.propagate_affinity_function(
         f.channels, f.kernel_size, (s // 4, s // 4), f.steps, options.opset)])
@@ -220,8 +221,9 @@ def verify_graphs(paths: dict[str, Path], models: LoadedModels, options: ExportO
         seg_sess = ort.InferenceSession(str(paths["segment"]), providers=["CPUExecutionProvider"])
         for n in sorted({1, len(peaks)}):
             ref = [t.numpy() for t in segment(images[:1], peaks[:n])]
-            got = seg_sess.run(list(SEGMENT_OUTPUTS), dict(zip(SEGMENT_INPUTS, [images[:1].numpy(), peaks[:n].numpy()])))
-            rows += compare(f"segment/{n}", list(SEGMENT_OUTPUTS), got, ref, precision)
+            names = [*SEGMENT_OUTPUTS, SEGMENT_CRM]
+            got = seg_sess.run(names, dict(zip(SEGMENT_INPUTS, [images[:1].numpy(), peaks[:n].numpy()])))
+            rows += compare(f"segment/{n}", names, got, ref, precision)
     return rows
 
 

@@ -4,8 +4,11 @@
   peak_coords (B, K, 3) int64 (class, y, x) on the sub-pixel grid, peak_values (B, K),
   peak_counts (B,). Peak finding stays one ``iam.FindPeaks`` node.
 * :class:`SegmentGraph`: one image (1, 3, S, S) and P of its peaks (P, 3) int64 -> peak
-  response maps (P, S, S) and instance activation maps (P, S, S). Peak backprop in the batched
-  explicit form, filling with one ``iam.PropagateAffinity`` node.
+  response maps (P, S, S), instance activation maps (P, S, S) and the image's class response
+  maps (1, C, S/32, S/32). Peak backprop in the batched explicit form, filling with one
+  ``iam.PropagateAffinity`` node. The crm output is the forward pass that peak backprop runs
+  anyway: an engine that splits the graph where ``peaks`` enters can find the image's peaks on
+  it (with the detect graph's peak finding) and not run the backbone a second time.
 """
 
 from __future__ import annotations
@@ -37,10 +40,12 @@ class SegmentGraph(nn.Module):
         self.backprop = PeakBackprop(backbone, upsample_factor)
         self.filling = filling
 
-    def forward(self, image: Tensor, peaks: Tensor) -> tuple[Tensor, Tensor]:
-        prm, feats = self.backprop.with_features(image, peaks)
+    def forward(self, image: Tensor, peaks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        tape = self.backprop.record(image)
+        prm = tape.backward(peaks)
+        feats = tape.features
         kernels = self.filling.affinity_kernels(feats.c2, feats.c3, feats.c4)
-        return prm, self.filling(prm, kernels)
+        return prm, self.filling(prm, kernels), feats.crm
 
 
 @torch.no_grad()

@@ -152,6 +152,10 @@ DETECT_INPUTS = ("images",)  # (B, 3, S, S) float32, normalised
 DETECT_OUTPUTS = ("class_scores", "peak_coords", "peak_values", "peak_counts")  # (B, C), (B, K, 3), (B, K), (B,)
 SEGMENT_INPUTS = ("image", "peaks")  # (1, 3, S, S) float32, (P, 3) int64 (class, y, x)
 SEGMENT_OUTPUTS = ("prm", "iam")  # (P, S, S) peak response maps, (P, S, S) instance activation maps
+# The segment graph's third output, (1, C, S/32, S/32): the class response maps of the forward pass
+# its peak backprop runs. Engines that split the graph find peaks on it instead of running detect's
+# forward as well (iam_runtime.staged); bundles exported before it lack it and run both forwards.
+SEGMENT_CRM = "crm"
 
 
 def _build(cls, data: Any, where: str) -> dict:
