@@ -3,7 +3,9 @@
 * :class:`OnnxRuntimeBackend`: the bundle's ONNX graphs in onnxruntime, with the TensorRT EP,
   the CUDA EP or the CPU EP (the best available, or as asked). On the CPU, the segment graph's
   affinity propagation runs as one fused kernel between the graph's two halves
-  (:mod:`iam_runtime.propagation`; ``propagation="graph"`` keeps the graph's own body). onnxruntime-gpu falls back to the
+  (:mod:`iam_runtime.propagation`; ``propagation="graph"`` keeps the graph's own body), and
+  detect and segment share each image's forward pass (:mod:`iam_runtime.staged`;
+  ``share_forward=False`` runs the two graphs whole). onnxruntime-gpu falls back to the
   CPU silently when CUDA libraries are missing: the session's actual providers are checked and a
   GPU provider asked for by name that did not load is an error.
 * :class:`TensorRTBackend`: the bundle's TensorRT engines, when they were built for this GPU
@@ -25,6 +27,8 @@ log = logging.getLogger(__name__)
 
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 PROPAGATIONS = ("auto", "fused", "graph")
+# detect's key, when the backend shares the forward pass: each image's state for segment (a list)
+FORWARD_STATE = "forward_state"
 
 
 class BackendError(RuntimeError):
@@ -68,12 +72,14 @@ class OnnxRuntimeBackend:
     name = "onnxruntime"
 
     def __init__(self, bundle: Bundle, providers: list[str] | None = None, cache_dir: Path | None = None,
-                 threads: int = 0, tf32: bool = False, propagation: str = "auto"):
+                 threads: int = 0, tf32: bool = False, propagation: str = "auto", share_forward: bool | None = None):
         """``tf32``: let the CUDA provider run fp32 convolutions and GEMMs in TF32 (10-bit mantissa).
         Off by default: on an H100 it lowered the final masks' agreement with the reference from
         1.00 (CPU) to 0.93 mean IoU (resnet50@448, full-resolution CRF).
         ``propagation``: ``fused`` runs the filling's propagation as the fused CPU kernel (CPU
-        provider only), ``graph`` as the segment graph's own nodes, ``auto`` fused where it can."""
+        provider only), ``graph`` as the segment graph's own nodes, ``auto`` fused where it can.
+        ``share_forward``: detect on the segment graph's forward pass, kept for the image's segment
+        (CPU provider only; None: where the bundle's graphs allow it)."""
         import onnxruntime as ort
 
         if propagation not in PROPAGATIONS:
@@ -113,17 +119,22 @@ class OnnxRuntimeBackend:
         def session(model):  # a path or a serialised model
             return ort.InferenceSession(model, sess_options=so, providers=chosen, provider_options=options)
 
-        self.sessions = {"detect": session(str(bundle.graph_path("detect")))}
         self.fused_propagation = self._use_fused(propagation, chosen)
-        if self.fused_propagation:
-            import onnx
-
-            from .propagation import FusedSegmentGraph
-
-            self.sessions["segment"] = FusedSegmentGraph(onnx.load(str(bundle.graph_path("segment"))), session, threads)
+        self.shared = self._shared_forward(bundle, share_forward, chosen, session, threads)
+        if self.shared is not None:
+            self.sessions = {"image": self.shared.image_stage}
         else:
-            self.sessions["segment"] = session(str(bundle.graph_path("segment")))
-        actual = self.sessions["detect"].get_providers()
+            self.sessions = {"detect": session(str(bundle.graph_path("detect")))}
+            if self.fused_propagation:
+                import onnx
+
+                from .propagation import FusedSegmentGraph
+
+                self.sessions["segment"] = FusedSegmentGraph(onnx.load(str(bundle.graph_path("segment"))), session,
+                                                             threads)
+            else:
+                self.sessions["segment"] = session(str(bundle.graph_path("segment")))
+        actual = next(iter(self.sessions.values())).get_providers()
         missing_gpu = [p for p in chosen if p in GPU_PROVIDERS and p not in actual]
         if missing_gpu:
             message = (f"{', '.join(missing_gpu)} did not load (CUDA/TensorRT libraries missing or no GPU); "
@@ -151,19 +162,49 @@ class OnnxRuntimeBackend:
             log.warning("%s; the propagation runs as the segment graph's own nodes", reason)
         return reason is None
 
+    def _shared_forward(self, bundle: Bundle, share: bool | None, providers: list[str], session, threads: int):
+        """The :class:`~iam_runtime.staged.SharedForward` to run, or None for the two graphs whole."""
+        if share is False:
+            return None
+        if any(p in GPU_PROVIDERS for p in providers):
+            if share:
+                raise BackendError("the shared forward pass keeps each image's activations in host memory: it is "
+                                   "for the CPU provider; with a GPU provider leave it off")
+            return None
+        import onnx
+
+        from .staged import SharedForward, shared_forward_unavailable
+
+        detect, segment = (onnx.load(str(bundle.graph_path(k))) for k in ("detect", "segment"))
+        reason = shared_forward_unavailable(detect, segment)
+        if reason:
+            if share:
+                raise BackendError(f"this bundle cannot share the forward pass: {reason}")
+            log.info("%s: detect and segment each run the backbone (re-export the bundle to share it)", reason)
+            return None
+        return SharedForward(detect, segment, session, self.fused_propagation, threads)
+
     @property
     def device(self) -> str:
         return "gpu" if any(p in GPU_PROVIDERS for p in self.providers) else "cpu"
 
     def describe(self) -> str:
         fused = ", fused propagation" if self.fused_propagation else ""
-        return f"onnxruntime ({', '.join(self.providers)}{fused})"
+        shared = ", shared forward" if self.shared is not None else ""
+        return f"onnxruntime ({', '.join(self.providers)}{fused}{shared})"
 
-    def detect(self, images: np.ndarray) -> dict[str, np.ndarray]:
+    def detect(self, images: np.ndarray) -> dict:
+        """The detect graph's outputs; with the shared forward also :data:`FORWARD_STATE`."""
+        if self.shared is not None:
+            out, states = self.shared.detect(images)
+            return {**out, FORWARD_STATE: states}
         out = self.sessions["detect"].run(list(DETECT_OUTPUTS), dict(zip(DETECT_INPUTS, [images])))
         return dict(zip(DETECT_OUTPUTS, out))
 
-    def segment(self, image: np.ndarray, peaks: np.ndarray) -> dict[str, np.ndarray]:
+    def segment(self, image: np.ndarray, peaks: np.ndarray, state: dict | None = None) -> dict[str, np.ndarray]:
+        """``state``: the image's entry of detect's :data:`FORWARD_STATE` (None: computed here)."""
+        if self.shared is not None:
+            return self.shared.segment(image, peaks, state)
         out = self.sessions["segment"].run(list(SEGMENT_OUTPUTS), dict(zip(SEGMENT_INPUTS, [image, peaks])))
         return dict(zip(SEGMENT_OUTPUTS, out))
 
@@ -232,21 +273,23 @@ class TensorRTBackend:
                 self._check(cudart.cudaMemcpyAsync(ptr, array.ctypes.data, array.nbytes,
                                                    cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, self.stream))
                 context.set_tensor_address(name, ptr)
-            host = {}
-            for name in outputs:
-                shape = tuple(context.get_tensor_shape(name))
-                dtype = trt.nptype(engine.get_tensor_dtype(name))
-                host[name] = np.empty(shape, dtype=dtype)
-                ptr = self._check(cudart.cudaMalloc(max(host[name].nbytes, 1)))
-                buffers.append(ptr)
-                context.set_tensor_address(name, ptr)
+            # Every output needs an address (the segment engine's crm too), only the asked ones come back.
+            names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+            device, host = {}, {}
+            for name in (n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT):
+                array = np.empty(tuple(context.get_tensor_shape(name)), dtype=trt.nptype(engine.get_tensor_dtype(name)))
+                if name in outputs:
+                    host[name] = array
+                device[name] = self._check(cudart.cudaMalloc(max(array.nbytes, 1)))
+                buffers.append(device[name])
+                context.set_tensor_address(name, device[name])
             if not context.execute_async_v3(self.stream):
                 raise BackendError(f"TensorRT failed to run the {key} engine")
-            for name, ptr in zip(outputs, buffers[len(inputs):]):
-                self._check(cudart.cudaMemcpyAsync(host[name].ctypes.data, ptr, host[name].nbytes,
+            for name in outputs:
+                self._check(cudart.cudaMemcpyAsync(host[name].ctypes.data, device[name], host[name].nbytes,
                                                    cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream))
             self._check(cudart.cudaStreamSynchronize(self.stream))
-            return host
+            return {name: host[name] for name in outputs}
         finally:
             for ptr in buffers:
                 cudart.cudaFree(ptr)
@@ -254,12 +297,13 @@ class TensorRTBackend:
     def detect(self, images: np.ndarray) -> dict[str, np.ndarray]:
         return self._run("detect", dict(zip(DETECT_INPUTS, [images])), DETECT_OUTPUTS)
 
-    def segment(self, image: np.ndarray, peaks: np.ndarray) -> dict[str, np.ndarray]:
+    def segment(self, image: np.ndarray, peaks: np.ndarray, state: dict | None = None) -> dict[str, np.ndarray]:
         return self._run("segment", dict(zip(SEGMENT_INPUTS, [image, peaks])), SEGMENT_OUTPUTS)
 
 
 def select_backend(bundle: Bundle, backend: str = "auto", providers: list[str] | None = None,
-                   cache_dir: Path | None = None, threads: int = 0, tf32: bool = False, propagation: str = "auto"):
+                   cache_dir: Path | None = None, threads: int = 0, tf32: bool = False, propagation: str = "auto",
+                   share_forward: bool | None = None):
     """``auto``: native TensorRT when the bundle has engines for this GPU, else onnxruntime."""
     if backend not in ("auto", "onnxruntime", "tensorrt"):
         raise BackendError(f"unknown backend {backend!r} (auto, onnxruntime, tensorrt)")
@@ -268,4 +312,4 @@ def select_backend(bundle: Bundle, backend: str = "auto", providers: list[str] |
             return TensorRTBackend(bundle)
         except BackendError as exc:
             log.warning("%s; using the ONNX graphs with onnxruntime instead", exc)
-    return OnnxRuntimeBackend(bundle, providers, cache_dir, threads, tf32, propagation)
+    return OnnxRuntimeBackend(bundle, providers, cache_dir, threads, tf32, propagation, share_forward)

@@ -29,6 +29,10 @@ EXIT_OK, EXIT_IMAGES_FAILED, EXIT_INTERRUPTED = 0, 1, 130
 @click.option("--propagation", type=click.Choice(["auto", "fused", "graph"]), default="auto", show_default=True,
               help="The filling network's propagation on the CPU: fused = one compiled kernel (numba) between the "
                    "segment graph's halves; graph = the graph's own nodes; auto = fused on the CPU provider.")
+@click.option("--share-forward/--no-share-forward", default=None,
+              help="CPU: detect on the segment graph's forward pass and keep it for the image's peaks, so the "
+                   "backbone runs once per image (costs memory: hundreds of MB per image of a batch at 448x448). "
+                   "Default: on the CPU provider where the bundle allows it.")
 @click.option("--batch-size", default=4, show_default=True, help="Images per detect call.")
 @click.option("--refine", type=click.Choice(["crf", "threshold", "none"]), default="crf", show_default=True,
               help="crf: dense CRF per instance; threshold/none: activation map >= --mask-threshold.")
@@ -74,7 +78,7 @@ EXIT_OK, EXIT_IMAGES_FAILED, EXIT_INTERRUPTED = 0, 1, 130
 @click.option("--ray-crf-actors", default=0, show_default=True, type=click.IntRange(min=0),
               help="CRF actors, a fixed pool (0: the cluster's CPUs not taken by engine actors).")
 @click.option("--no-progress", is_flag=True)
-def main(input_path, out, bundle, demo, backend, providers, tf32, propagation, batch_size, refine, crf_backend, crf_workers, crf_max_side,
+def main(input_path, out, bundle, demo, backend, providers, tf32, propagation, share_forward, batch_size, refine, crf_backend, crf_workers, crf_max_side,
          crf_full_iterations, crf_frame, crf_photo_max_side, max_instances, class_threshold, peak_threshold, mask_threshold,
          nms_iou, save, resume, use_ray, ray_address, ray_engine_actors, ray_crf_actors, no_progress) -> None:
     """Segment instances in INPUT (a folder, an image, or a .txt list of paths).
@@ -107,7 +111,7 @@ def main(input_path, out, bundle, demo, backend, providers, tf32, propagation, b
     try:
         loaded = load_bundle(bundle)
         engine = None if use_ray else select_backend(loaded, backend, providers.split(",") if providers else None,
-                                                     tf32=tf32, propagation=propagation)
+                                                     tf32=tf32, propagation=propagation, share_forward=share_forward)
     except (BundleError, BackendError) as exc:
         raise click.ClickException(str(exc)) from exc
     options = InferOptions(batch_size=batch_size, refine=refine, crf_backend=crf_backend, crf_workers=crf_workers, crf_max_side=crf_max_side,
@@ -123,7 +127,7 @@ def main(input_path, out, bundle, demo, backend, providers, tf32, propagation, b
             click.echo(f"Ray Data; bundle {bundle} ({describe_semantics(loaded.manifest)})", err=True)
             summary = run_ray(bundle, input_path, out, options, RayOptions(
                 ray_address, ray_engine_actors, ray_crf_actors, providers=tuple(providers.split(",")) if providers
-                else None, backend=backend, tf32=tf32, propagation=propagation))
+                else None, backend=backend, tf32=tf32, propagation=propagation, share_forward=share_forward))
         else:
             refinement = f"CRF: {resolve_crf_backend(crf_backend)}" if refine == "crf" else f"refine: {refine}"
             click.echo(f"{engine.describe()}; {refinement}; bundle {bundle} ({describe_semantics(loaded.manifest)})",

@@ -15,12 +15,13 @@ call at 5 peaks on top of the kernel's 0.09 s, resnet50@448.)
 
 from __future__ import annotations
 
-import collections
 import functools
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
+
+from .graph_split import GraphIndex, Partition, partition
 
 OP_DOMAIN, OP_TYPE = "iam", "PropagateAffinity"
 
@@ -103,105 +104,42 @@ def propagate_affinity(x: np.ndarray, kernels: np.ndarray, steps: int, threads: 
 
 @dataclass
 class SplitSegmentGraph:
-    """The segment graph cut at its ``iam.PropagateAffinity`` node. The head computes the graph's
-    outputs that do not depend on the propagation, the node's two inputs and any other tensor the
-    tail needs (``carried``); the tail takes the propagated maps and ``carried`` and computes the
-    remaining outputs."""
+    """A graph cut at its ``iam.PropagateAffinity`` node: the head computes the node's inputs
+    ``x`` and ``kernels`` (either may also be a graph input), the tail continues from the
+    propagated maps."""
 
-    head: onnx.ModelProto
-    tail: onnx.ModelProto
+    parts: Partition
     x: str
     kernels: str
     propagated: str
-    carried: list[str]
     steps: int
-    head_outputs: list[str]  # the original graph's outputs that the head computes
-    tail_outputs: list[str]
+
+    @property
+    def head(self) -> onnx.ModelProto:
+        return self.parts.head
+
+    @property
+    def tail(self) -> onnx.ModelProto:
+        return self.parts.tail
 
 
 def split_at_propagation(model: onnx.ModelProto) -> SplitSegmentGraph:
-    """Cut a graph with exactly one ``iam.PropagateAffinity`` node in its main graph. Nodes of the
-    tail's inputs that depend on no graph input (weights prepared from constants) are copied into
-    the tail rather than carried across."""
-    graph = model.graph
-    props = [n for n in graph.node if n.domain == OP_DOMAIN and n.op_type == OP_TYPE]
+    """Cut a graph with exactly one ``iam.PropagateAffinity`` node in its main graph."""
+    index = GraphIndex(model)
+    props = index.nodes(OP_TYPE, OP_DOMAIN)
     if len(props) != 1:
         raise ValueError(f"the graph has {len(props)} {OP_DOMAIN}.{OP_TYPE} nodes; the fused kernel needs exactly one")
     node = props[0]
     steps = next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "steps"), None)
     if steps is None:
         raise ValueError(f"{OP_DOMAIN}.{OP_TYPE} has no steps attribute")
-    producer = {o: n for n in graph.node for o in n.output}
-    consumers = collections.defaultdict(list)
-    for n in graph.node:
-        for i in n.input:
-            consumers[i].append(n)
-    initializers = {i.name for i in graph.initializer}
-    graph_inputs = {i.name for i in graph.input}
-
-    tail_ids, stack = set(), [node.output[0]]
-    while stack:
-        for n in consumers[stack.pop()]:
-            if id(n) not in tail_ids:
-                tail_ids.add(id(n))
-                stack.extend(n.output)
-
-    @functools.cache
-    def constant_only(name: str) -> bool:
-        if name in initializers or not name:
-            return True
-        if name in graph_inputs or name not in producer:
-            return False
-        n = producer[name]
-        return n is not node and id(n) not in tail_ids and all(constant_only(i) for i in n.input)
-
-    def ancestors(names) -> set[int]:
-        seen, stack = set(), list(names)
-        while stack:
-            name = stack.pop()
-            n = producer.get(name)
-            if n is not None and id(n) not in seen:
-                seen.add(id(n))
-                stack.extend(n.input)
-        return seen
-
-    tail_nodes = [n for n in graph.node if id(n) in tail_ids]
-    produced = {o for n in tail_nodes for o in n.output}
-    needed = [i for n in tail_nodes for i in n.input if i and i not in produced and i not in initializers]
-    needed = list(dict.fromkeys(needed))
-    carried = [t for t in needed if t != node.output[0] and not constant_only(t)]
-    copied = ancestors(t for t in needed if t != node.output[0] and constant_only(t))
-
-    outputs = [o.name for o in graph.output]
-    tail_outputs = [o for o in outputs if o in produced]
-    head_outputs = [o for o in outputs if o not in produced]
-    boundary = [node.input[0], node.input[1], *carried]
-    head_keep = ancestors(head_outputs + boundary)
-    head_nodes = [n for n in graph.node if id(n) in head_keep]
-    tail_all = [n for n in graph.node if id(n) in copied or id(n) in tail_ids]
-    used_by = lambda nodes: {i for n in nodes for i in n.input}  # noqa: E731
-
-    def value(name: str) -> onnx.ValueInfoProto:
-        original = next((v for v in [*graph.input, *graph.output, *graph.value_info] if v.name == name), None)
-        return original if original is not None else onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
-
-    def submodel(nodes, inputs, outs, name) -> onnx.ModelProto:
-        used = used_by(nodes)
-        sub = onnx.helper.make_graph(nodes, name, [value(i) for i in inputs], [value(o) for o in outs],
-                                     [t for t in graph.initializer if t.name in used])
-        out = onnx.helper.make_model(sub, opset_imports=list(model.opset_import), ir_version=model.ir_version)
-        out.functions.extend(model.functions)
-        return out
-
-    head = submodel(head_nodes, [i.name for i in graph.input if i.name in used_by(head_nodes)], head_outputs + boundary,
-                    f"{graph.name}_head")
-    tail = submodel(tail_all, [node.output[0], *carried], tail_outputs, f"{graph.name}_tail")
-    return SplitSegmentGraph(head, tail, node.input[0], node.input[1], node.output[0], carried, int(steps),
-                             head_outputs, tail_outputs)
+    x, kernels, propagated = node.input[0], node.input[1], node.output[0]
+    parts = partition(index, index.downstream([propagated]), [propagated], [x, kernels])
+    return SplitSegmentGraph(parts, x, kernels, propagated, int(steps))
 
 
 class FusedSegmentGraph:
-    """A segment graph run as head session -> :func:`propagate_affinity` -> tail session, with the
+    """A graph run as head session -> :func:`propagate_affinity` -> tail session, with the
     same inputs and outputs as the whole graph's session."""
 
     def __init__(self, model: onnx.ModelProto, make_session, threads: int = 0):
@@ -209,12 +147,14 @@ class FusedSegmentGraph:
         self.split = split_at_propagation(model)
         self.head = make_session(self.split.head.SerializeToString())
         self.tail = make_session(self.split.tail.SerializeToString())
+        self.head_inputs = [i.name for i in self.split.head.graph.input]
         self.threads = threads
 
     def run(self, output_names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        s = self.split
-        head_names = s.head_outputs + [s.x, s.kernels, *s.carried]
-        values = dict(zip(head_names, self.head.run(head_names, feeds)))
+        s, p = self.split, self.split.parts
+        values = dict(feeds)
+        names = p.head_names
+        values.update(zip(names, self.head.run(names, {k: feeds[k] for k in self.head_inputs})))
         values[s.propagated] = propagate_affinity(values[s.x], values[s.kernels], s.steps, self.threads)
-        values.update(zip(s.tail_outputs, self.tail.run(s.tail_outputs, {k: values[k] for k in [s.propagated, *s.carried]})))
+        values.update(zip(p.tail_outputs, self.tail.run(p.tail_outputs, {k: values[k] for k in [*p.fed, *p.carried]})))
         return [values[name] for name in output_names]

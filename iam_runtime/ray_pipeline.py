@@ -47,6 +47,7 @@ class RayOptions:
     backend: str = "auto"
     tf32: bool = False  # CUDA provider: fp32 convolutions in TF32 (iam-infer --tf32)
     propagation: str = "auto"  # the filling's propagation: fused CPU kernel or graph (iam-infer --propagation)
+    share_forward: bool | None = None  # detect on segment's forward pass (iam-infer --share-forward)
 
 
 def _fail(row: dict, stage: str, exc: BaseException) -> dict:
@@ -85,7 +86,7 @@ class EngineStage:
         bundle = load_bundle(bundle_dir, verify_checksums=False)  # checked once, by run_ray
         backend = select_backend(bundle, ray_options.backend, list(ray_options.providers or []) or None,
                                  threads=threads, tf32=ray_options.tf32,
-                                 propagation=ray_options.propagation)
+                                 propagation=ray_options.propagation, share_forward=ray_options.share_forward)
         self.segmenter = Segmenter(bundle, backend, options)
 
     def __call__(self, batch: dict) -> dict:

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from .backends import FORWARD_STATE
 from .bundle import Bundle, CRFSpec, load_bundle
 from .images import preprocess
 from .masks import nms
@@ -116,6 +117,9 @@ class ImagePeaks:
     input_points: np.ndarray  # (P, 2) float (y, x) in network input pixels
     valid: int  # valid peaks found; more than P when max_instances cut some
     detect_full: bool  # the detect graph's K outputs were full of valid peaks: more may exist
+    # the engine's state of the image's forward pass, kept for segment (a shared forward), which
+    # consumes it: large (hundreds of MB at 448x448), so never copied along with the peaks
+    forward: dict | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.coords)
@@ -149,13 +153,15 @@ class Segmenter:
 
     @classmethod
     def from_bundle(cls, path: str | Path, backend: str = "auto", providers: list[str] | None = None,
-                    threads: int = 0, tf32: bool = False, propagation: str = "auto", **options) -> Segmenter:
+                    threads: int = 0, tf32: bool = False, propagation: str = "auto", share_forward: bool | None = None,
+                    **options) -> Segmenter:
         """Load a bundle and pick its engine (as ``iam-infer --backend/--providers``);
         ``options`` are :class:`PredictOptions` fields."""
         from .backends import select_backend
 
         bundle = load_bundle(path)
-        return cls(bundle, select_backend(bundle, backend, providers, threads=threads, tf32=tf32, propagation=propagation),
+        return cls(bundle, select_backend(bundle, backend, providers, threads=threads, tf32=tf32, propagation=propagation,
+                                          share_forward=share_forward),
                    PredictOptions(**options))
 
     @property
@@ -172,6 +178,7 @@ class Segmenter:
         """(B, 3, S, S) inputs -> each image's valid peaks (highest first, at most
         ``max_instances``)."""
         det = self.backend.detect(np.ascontiguousarray(tensors))
+        states = det.get(FORWARD_STATE) or [None] * len(tensors)
         k = self.manifest.peaks.max_peaks
         out = []
         for i in range(len(tensors)):
@@ -185,14 +192,16 @@ class Segmenter:
                 det["class_scores"][i][coords[:, 0]].astype(np.float32) if len(coords) else np.zeros(0, np.float32),
                 peak_input_coordinates(coords, self.crm_size, self.manifest.peaks.upsample_factor,
                                        self.manifest.peaks.stride),
-                len(valid), count == k and k > 0 and det["peak_values"][i][k - 1] > self.peak_threshold))
+                len(valid), count == k and k > 0 and det["peak_values"][i][k - 1] > self.peak_threshold,
+                states[i] if len(chosen) else None))
         return out
 
     def segment(self, tensor: np.ndarray, peaks: ImagePeaks) -> np.ndarray:
         """One image's (3, S, S) input and its peaks -> (P, S, S) float32 activation maps."""
+        state, peaks.forward = peaks.forward, None
         if not len(peaks):
             return np.zeros((0, *self.manifest.input.size), np.float32)
-        parts = [self.backend.segment(tensor[None], np.ascontiguousarray(peaks.coords[s : s + self.peak_chunk]))["iam"]
+        parts = [self.backend.segment(tensor[None], np.ascontiguousarray(peaks.coords[s : s + self.peak_chunk]), state)["iam"]
                  for s in range(0, len(peaks), self.peak_chunk)]
         return np.concatenate(parts).astype(np.float32, copy=False)
 

@@ -57,7 +57,7 @@ def test_fused_segment_graph_gives_the_graphs_outputs(trained_bundle):
     path = str(bundle.graph_path("segment"))
     model = onnx.load(path)
     split = split_at_propagation(model)
-    assert split.head_outputs == ["prm"] and split.tail_outputs == ["iam"]
+    assert split.parts.head_outputs == ["prm", "crm"] and split.parts.tail_outputs == ["iam"]
     assert not any(n.domain == "iam" for n in [*split.head.graph.node, *split.tail.graph.node])
     fused = FusedSegmentGraph(model, lambda m: ort.InferenceSession(m, providers=["CPUExecutionProvider"]))
     whole = ort.InferenceSession(path, providers=["CPUExecutionProvider"])

@@ -1,0 +1,101 @@
+"""Detect and segment on one forward pass per image (onnxruntime).
+
+A bundle's detect graph runs the backbone to find peaks; its segment graph runs the same
+backbone again, since peak backprop needs the forward's activations. :class:`SharedForward`
+cuts the segment graph where ``peaks`` enters (:mod:`iam_runtime.graph_split`):
+
+* the image stage: everything that does not depend on the peaks (the backbone's forward, the
+  per-image factors of peak backprop's rule, the filling's affinity kernels), ending in the
+  class response maps (the segment graph's ``crm`` output);
+* the peak stage: the backward pass over the peaks and the filling network (with the fused
+  propagation where asked);
+
+and finds peaks with the detect graph's own nodes from its ``iam.FindPeaks`` input on, fed the
+image stage's class response maps. The detect graph's forward never runs: the results are the
+detect and segment graphs' (the same computation, in float32 rounding).
+
+The price is memory: what the image stage hands to the peak stage (for resnet50 at 448x448
+about :data:`approximate` hundreds of MB per image, see :meth:`SharedForward.state_bytes`) is kept
+from ``detect`` until that image's ``segment``, for every image of a detect batch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from .bundle import DETECT_OUTPUTS, SEGMENT_CRM, SEGMENT_INPUTS, SEGMENT_OUTPUTS
+from .graph_split import GraphIndex, partition
+
+FIND_PEAKS = ("iam", "FindPeaks")
+
+
+def shared_forward_unavailable(detect: onnx.ModelProto, segment: onnx.ModelProto) -> str | None:
+    """None when the two graphs can share the forward pass, else why not."""
+    if SEGMENT_CRM not in [o.name for o in segment.graph.output]:
+        return f"the segment graph has no {SEGMENT_CRM!r} output (exported by an earlier iam-export)"
+    finders = GraphIndex(detect).nodes(FIND_PEAKS[1], FIND_PEAKS[0])
+    if len(finders) != 1:
+        return f"the detect graph has {len(finders)} {'.'.join(FIND_PEAKS)} nodes, not one"
+    return None
+
+
+class SharedForward:
+    """``detect(images)`` and ``segment(image, peaks, state)`` with the bundle's tensor names,
+    computing each image's forward pass once."""
+
+    def __init__(self, detect: onnx.ModelProto, segment: onnx.ModelProto, make_session, fused_propagation: bool,
+                 threads: int = 0):
+        """``make_session(model_bytes)`` -> an onnxruntime InferenceSession (the caller's options)."""
+        reason = shared_forward_unavailable(detect, segment)
+        if reason:
+            raise ValueError(reason)
+        seg = GraphIndex(segment)
+        peaks_input = SEGMENT_INPUTS[1]
+        self.stages = partition(seg, seg.downstream([peaks_input]), [peaks_input], name="segment")
+        if SEGMENT_CRM not in self.stages.head_outputs:
+            raise ValueError(f"the segment graph's {SEGMENT_CRM!r} output depends on the peaks")
+        det = GraphIndex(detect)
+        crm = det.nodes(FIND_PEAKS[1], FIND_PEAKS[0])[0].input[0]
+        self.finder = partition(det, det.downstream([crm]), [crm], name="detect")
+        if self.finder.carried:
+            raise ValueError(f"the detect graph's peak finding reads {self.finder.carried} besides the class response maps")
+        self.image_stage = make_session(self.stages.head.SerializeToString())
+        self.image_inputs = [i.name for i in self.stages.head.graph.input]
+        self.state_names = [n for n in self.stages.carried if n not in self.stages.graph_inputs]
+        if fused_propagation:
+            from .propagation import FusedSegmentGraph
+
+            self.peak_stage = FusedSegmentGraph(self.stages.tail, make_session, threads)
+        else:
+            self.peak_stage = make_session(self.stages.tail.SerializeToString())
+        self.find_peaks = make_session(self.finder.tail.SerializeToString())
+
+    def forward(self, image: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """One image (1, 3, S, S) -> its class response maps and the state its peaks need."""
+        names = [SEGMENT_CRM, *self.state_names]
+        out = self.image_stage.run(names, {k: v for k, v in zip(SEGMENT_INPUTS, [image]) if k in self.image_inputs})
+        return out[0], dict(zip(self.state_names, out[1:]))
+
+    def detect(self, images: np.ndarray) -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]]:
+        """(B, 3, S, S) -> the detect graph's outputs and each image's state for :meth:`segment`."""
+        crms, states = [], []
+        for i in range(len(images)):
+            crm, state = self.forward(images[i : i + 1])
+            crms.append(crm)
+            states.append(state)
+        out = self.find_peaks.run(list(DETECT_OUTPUTS), {self.finder.fed[0]: np.concatenate(crms)})
+        return dict(zip(DETECT_OUTPUTS, out)), states
+
+    def segment(self, image: np.ndarray, peaks: np.ndarray, state: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+        """As the segment graph; ``state`` from :meth:`detect` (None: computed here)."""
+        if state is None:
+            state = self.forward(image)[1]
+        feeds = {**dict(zip(SEGMENT_INPUTS, [image, peaks])), **state}
+        names = list(SEGMENT_OUTPUTS)
+        out = self.peak_stage.run(names, {k: feeds[k] for k in [*self.stages.fed, *self.stages.carried]})
+        return dict(zip(names, out))
+
+    @staticmethod
+    def state_bytes(state: dict[str, np.ndarray]) -> int:
+        return sum(v.nbytes for v in state.values())

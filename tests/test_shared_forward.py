@@ -1,0 +1,96 @@
+"""Detect and segment on one forward pass per image: the segment graph cut where the peaks
+enter, the detect graph's peak finding run on its class response maps (iam_runtime.staged)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+
+from iam_runtime.backends import FORWARD_STATE, BackendError, OnnxRuntimeBackend
+from iam_runtime.bundle import MANIFEST, SEGMENT_CRM, load_bundle, sha256_file
+from iam_runtime.images import decode_image
+from iam_runtime.segmenter import Segmenter
+
+from .conftest import copy_val_images
+
+CPU = ["CPUExecutionProvider"]
+
+
+@pytest.fixture(scope="module")
+def photos(synthetic, tmp_path_factory):
+    folder = copy_val_images(synthetic, tmp_path_factory.mktemp("shared-photos"), 4)
+    return [decode_image(p) for p in sorted(folder.iterdir())]
+
+
+def test_shared_forward_gives_the_two_graphs_results(trained_bundle, photos):
+    bundle = load_bundle(trained_bundle)
+    shared = OnnxRuntimeBackend(bundle, CPU, propagation="graph", share_forward=True)
+    whole = OnnxRuntimeBackend(bundle, CPU, propagation="graph", share_forward=False)
+    assert "shared forward" in shared.describe() and "shared forward" not in whole.describe()
+    assert "detect" not in shared.sessions  # the detect graph's forward never runs
+    seg = Segmenter(bundle, shared)
+    tensors = np.stack([seg.preprocess(rgb) for rgb in photos])
+    got, want = shared.detect(tensors), whole.detect(tensors)
+    states = got.pop(FORWARD_STATE)
+    assert len(states) == len(photos) and FORWARD_STATE not in want
+    assert set(got) == set(want)
+    np.testing.assert_array_equal(got["peak_counts"], want["peak_counts"])
+    np.testing.assert_array_equal(got["peak_coords"], want["peak_coords"])
+    np.testing.assert_allclose(got["peak_values"], want["peak_values"], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got["class_scores"], want["class_scores"], rtol=1e-4, atol=1e-4)
+    assert got["peak_counts"].sum() > 0
+    for i, state in enumerate(states):
+        n = int(got["peak_counts"][i])
+        if not n:
+            continue
+        peaks = got["peak_coords"][i, :n]
+        a, b = shared.segment(tensors[i : i + 1], peaks, state), whole.segment(tensors[i : i + 1], peaks)
+        for name in ("prm", "iam"):
+            np.testing.assert_allclose(a[name], b[name], rtol=1e-4, atol=1e-5 * float(np.abs(b[name]).max()))
+        # without the state from detect, segment computes it: the same maps
+        np.testing.assert_array_equal(shared.segment(tensors[i : i + 1], peaks)["iam"], a["iam"])
+
+
+def test_segmenter_consumes_the_state_and_matches_whole_graphs(trained_bundle, photos):
+    bundle = load_bundle(trained_bundle)
+    shared = Segmenter(bundle, OnnxRuntimeBackend(bundle, CPU, share_forward=True))
+    whole = Segmenter(bundle, OnnxRuntimeBackend(bundle, CPU, share_forward=False))
+    tensors = np.stack([shared.preprocess(rgb) for rgb in photos])
+    found = shared.detect(tensors)
+    with_peaks = [p for p in found if len(p)]
+    assert with_peaks and all(p.forward for p in with_peaks)
+    assert all(p.forward is None for p in found if not len(p))
+    maps = [shared.segment(t, p) for t, p in zip(tensors, found)]
+    assert all(p.forward is None for p in found)  # released once the image is segmented
+    for t, p, m in zip(tensors, whole.detect(tensors), maps):
+        np.testing.assert_allclose(m, whole.segment(t, p), atol=1e-4)
+
+
+def _bundle_without_crm(src, dst):
+    """A bundle as an earlier iam-export wrote it: the segment graph without its crm output."""
+    shutil.copytree(src, dst)
+    path = dst / "segment.onnx"
+    model = onnx.load(str(path))
+    keep = [o for o in model.graph.output if o.name != SEGMENT_CRM]
+    del model.graph.output[:]
+    model.graph.output.extend(keep)
+    onnx.save(model, str(path))
+    manifest = json.loads((dst / MANIFEST).read_text())
+    graph = manifest["graphs"]["segment"]
+    graph["sha256"] = sha256_file(path)
+    graph["outputs"] = [o for o in graph["outputs"] if o["name"] != SEGMENT_CRM]
+    (dst / MANIFEST).write_text(json.dumps(manifest))
+    return load_bundle(dst)
+
+
+def test_bundles_without_the_crm_output_run_both_forwards(trained_bundle, tmp_path):
+    old = _bundle_without_crm(trained_bundle, tmp_path / "old")
+    backend = OnnxRuntimeBackend(old, CPU)
+    assert backend.shared is None and "detect" in backend.sessions
+    with pytest.raises(BackendError, match="no 'crm' output"):
+        OnnxRuntimeBackend(old, CPU, share_forward=True)
+    assert OnnxRuntimeBackend(load_bundle(trained_bundle), CPU).shared is not None  # the default where it can
