@@ -27,7 +27,8 @@ def run_path(spec: dict) -> dict:
     if spec.get("backend", "onnxruntime") == "tensorrt":
         backend = TensorRTBackend(bundle)
     else:
-        backend = OnnxRuntimeBackend(bundle, spec["providers"], propagation=spec.get("propagation", "auto"))
+        backend = OnnxRuntimeBackend(bundle, spec["providers"], propagation=spec.get("propagation", "auto"),
+                                     share_forward=spec.get("share_forward"))
     options = InferOptions(**spec["options"], progress=False)
     out = Path(spec["out"])
     shutil.rmtree(out, ignore_errors=True)

@@ -20,7 +20,11 @@ What is quantised, and why:
 
 The agreement of an int8 bundle with its fp32 graphs is measured at export on the calibration
 images and recorded in the manifest (``verification.int8``); it is not a parity check, so the
-export reports it rather than failing on it.
+export reports it rather than failing on it. On the CPU the runtime finds peaks on the segment
+graph's forward pass (the shared forward, :mod:`iam_runtime.staged`), which is fp32: there the
+int8 detect graph's convolutions do not run, and the peaks are fp32's
+(``peaks_identical_shared_forward``); ``peaks_identical`` is the int8 detect graph's, as GPUs
+and ``--no-share-forward`` run it.
 """
 
 from __future__ import annotations
@@ -121,26 +125,36 @@ def quantize_segment(model_path: Path, out_path: Path, samples: list[Calibration
         folded.unlink(missing_ok=True)
 
 
-def agreement(fp32, int8, samples: list[CalibrationSample], max_peaks: int) -> dict:
+def _peaks_identical(segmenter, samples: list[CalibrationSample]) -> float | None:
+    """The fraction of ``samples`` on which ``segmenter`` selects their (fp32) peaks, as a set."""
+    same = [sorted(map(tuple, segmenter.detect(s.image)[0].coords.tolist())) == sorted(map(tuple, s.peaks.tolist()))
+            for s in samples]
+    return float(np.mean(same)) if same else None
+
+
+def agreement(fp32, int8, samples: list[CalibrationSample], max_peaks: int, int8_shared=None) -> dict:
     """``fp32`` and ``int8``: :class:`iam_runtime.segmenter.Segmenter` over each form of one
-    bundle. On ``samples`` (their fp32 peaks selected as the runtime does): the fraction of images
-    whose int8 graphs select the same peaks (the same (class, y, x) set), and the mean IoU of the
-    activation maps' masks (>= the bundle's mask threshold) per peak, both segment graphs given
-    the fp32 graph's first ``max_peaks`` peaks."""
+    bundle, ``int8`` running its detect graph. On ``samples`` (their fp32 peaks selected as the
+    runtime does): the fraction of images whose int8 graphs select the same peaks (the same
+    (class, y, x) set), and the mean IoU of the activation maps' masks (>= the bundle's mask
+    threshold) per peak, both segment graphs given the fp32 graph's first ``max_peaks`` peaks.
+    ``int8_shared``: the int8 form with the shared forward (peaks found on the segment graph's
+    forward pass, which stays fp32), measured as ``peaks_identical_shared_forward``."""
     threshold = fp32.manifest.filling.mask_threshold
-    same, ious = [], []
+    ious = []
     for s in samples:
-        got = int8.detect(s.image)[0].coords
-        same.append(sorted(map(tuple, got.tolist())) == sorted(map(tuple, s.peaks.tolist())))
         if len(s.peaks):
             peaks = np.ascontiguousarray(s.peaks[:max_peaks])
             ma, mb = (seg.backend.segment(s.image, peaks)["iam"] >= threshold for seg in (fp32, int8))
             for x, y in zip(ma, mb):
                 union = np.logical_or(x, y).sum()
                 ious.append(float(np.logical_and(x, y).sum() / union) if union else 1.0)
-    return {"images": len(samples), "peaks_identical": float(np.mean(same)) if same else None,
-            "mask_iou_mean": float(np.mean(ious)) if ious else None,
-            "mask_iou_min": float(np.min(ious)) if ious else None, "masks": len(ious)}
+    out = {"images": len(samples), "peaks_identical": _peaks_identical(int8, samples),
+           "mask_iou_mean": float(np.mean(ious)) if ious else None,
+           "mask_iou_min": float(np.min(ious)) if ious else None, "masks": len(ious)}
+    if int8_shared is not None:
+        out["peaks_identical_shared_forward"] = _peaks_identical(int8_shared, samples)
+    return out
 
 
 def quantize_bundle(root: Path, calib_images: Path, count: int, activations: str = "u8", log=print):
@@ -155,9 +169,10 @@ def quantize_bundle(root: Path, calib_images: Path, count: int, activations: str
     from iam_runtime.images import calibration_batches
     from iam_runtime.segmenter import Segmenter
 
-    def segmenter(bundle: Bundle) -> Segmenter:
+    def segmenter(bundle: Bundle, share_forward: bool | None = None) -> Segmenter:
         # the graphs' own propagation: the kernel (and numba's threads) stay out of the exporting process
-        return Segmenter(bundle, OnnxRuntimeBackend(bundle, ["CPUExecutionProvider"], propagation="graph"))
+        return Segmenter(bundle, OnnxRuntimeBackend(bundle, ["CPUExecutionProvider"], propagation="graph",
+                                                    share_forward=share_forward))
 
     fp32_bundle = load_bundle(root)
     fp32 = segmenter(fp32_bundle)
@@ -177,13 +192,18 @@ def quantize_bundle(root: Path, calib_images: Path, count: int, activations: str
             quantize_segment(path, quantised, calibration, activations)
         spec = manifest.graphs[key]
         spec.file, spec.sha256, spec.precision = quantised.name, sha256_file(quantised), "int8"
-    measured = agreement(fp32, segmenter(Bundle(root, manifest)), held_out, AGREEMENT_PEAKS)
+    int8_bundle = Bundle(root, manifest)
+    shared = segmenter(int8_bundle)  # the CPU runtime's default, where the bundle allows it
+    shared = shared if shared.backend.shared is not None else None
+    measured = agreement(fp32, segmenter(int8_bundle, share_forward=False), held_out, AGREEMENT_PEAKS, shared)
     measured.update(calibration_images=len(calibration), activations=activations)
     for path in fp32_paths.values():
         path.unlink()
     manifest.verification["int8"] = measured
     save_manifest(root, manifest)
     summary = f"int8 against fp32 on {measured['images']} images: peaks identical on {measured['peaks_identical']:.0%}"
+    if measured.get("peaks_identical_shared_forward") is not None:
+        summary += f" (with the shared forward, the CPU's default: {measured['peaks_identical_shared_forward']:.0%})"
     log(summary + (f", activation masks mean IoU {measured['mask_iou_mean']:.3f} (min {measured['mask_iou_min']:.3f}, "
                    f"{measured['masks']} masks)" if measured["masks"] else "; no peaks to compare masks on"))
     return manifest

@@ -177,12 +177,15 @@ class OnnxRuntimeBackend:
 
         detect, segment = (onnx.load(str(bundle.graph_path(k))) for k in ("detect", "segment"))
         reason = shared_forward_unavailable(detect, segment)
-        if reason:
-            if share:
-                raise BackendError(f"this bundle cannot share the forward pass: {reason}")
-            log.info("%s: detect and segment each run the backbone (re-export the bundle to share it)", reason)
-            return None
-        return SharedForward(detect, segment, session, self.fused_propagation, threads)
+        if reason is None:
+            try:
+                return SharedForward(detect, segment, session, self.fused_propagation, threads)
+            except ValueError as exc:  # graphs this runtime does not know how to cut
+                reason = str(exc)
+        if share:
+            raise BackendError(f"this bundle cannot share the forward pass: {reason}")
+        log.info("%s: detect and segment each run the backbone (re-export the bundle to share it)", reason)
+        return None
 
     @property
     def device(self) -> str:

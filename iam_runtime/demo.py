@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .backends import default_cache_dir
 
-DEMO_VERSION = "v2"
+DEMO_VERSION = "v3"  # v3: the segment graph outputs its crm (the shared forward)
 
 
 @dataclass(frozen=True)

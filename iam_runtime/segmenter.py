@@ -197,7 +197,8 @@ class Segmenter:
         return out
 
     def segment(self, tensor: np.ndarray, peaks: ImagePeaks) -> np.ndarray:
-        """One image's (3, S, S) input and its peaks -> (P, S, S) float32 activation maps."""
+        """One image's (3, S, S) input and its peaks -> (P, S, S) float32 activation maps. Takes
+        (and releases) the forward pass ``detect`` kept on ``peaks``, where the engine shares it."""
         state, peaks.forward = peaks.forward, None
         if not len(peaks):
             return np.zeros((0, *self.manifest.input.size), np.float32)

@@ -14,9 +14,10 @@ and finds peaks with the detect graph's own nodes from its ``iam.FindPeaks`` inp
 image stage's class response maps. The detect graph's forward never runs: the results are the
 detect and segment graphs' (the same computation, in float32 rounding).
 
-The price is memory: what the image stage hands to the peak stage (for resnet50 at 448x448
-about :data:`approximate` hundreds of MB per image, see :meth:`SharedForward.state_bytes`) is kept
-from ``detect`` until that image's ``segment``, for every image of a detect batch.
+The price is memory: what the image stage hands to the peak stage (about 385 MB per image for
+resnet50 at 448x448) is kept from ``detect`` until that image's ``segment``, for every image of
+a detect batch. GPU providers run the two graphs whole (there a batched detect is cheap, and the
+state would sit in device memory between calls).
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ class SharedForward:
         if self.finder.carried:
             raise ValueError(f"the detect graph's peak finding reads {self.finder.carried} besides the class response maps")
         self.image_stage = make_session(self.stages.head.SerializeToString())
-        self.image_inputs = [i.name for i in self.stages.head.graph.input]
+        if [i.name for i in self.stages.head.graph.input] != [SEGMENT_INPUTS[0]]:
+            raise ValueError(f"the segment graph's image stage reads {[i.name for i in self.stages.head.graph.input]}")
         self.state_names = [n for n in self.stages.carried if n not in self.stages.graph_inputs]
         if fused_propagation:
             from .propagation import FusedSegmentGraph
@@ -74,7 +76,7 @@ class SharedForward:
     def forward(self, image: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """One image (1, 3, S, S) -> its class response maps and the state its peaks need."""
         names = [SEGMENT_CRM, *self.state_names]
-        out = self.image_stage.run(names, {k: v for k, v in zip(SEGMENT_INPUTS, [image]) if k in self.image_inputs})
+        out = self.image_stage.run(names, {SEGMENT_INPUTS[0]: image})
         return out[0], dict(zip(self.state_names, out[1:]))
 
     def detect(self, images: np.ndarray) -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]]:
@@ -95,7 +97,3 @@ class SharedForward:
         names = list(SEGMENT_OUTPUTS)
         out = self.peak_stage.run(names, {k: feeds[k] for k in [*self.stages.fed, *self.stages.carried]})
         return dict(zip(names, out))
-
-    @staticmethod
-    def state_bytes(state: dict[str, np.ndarray]) -> int:
-        return sum(v.nbytes for v in state.values())

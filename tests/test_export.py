@@ -295,6 +295,8 @@ def test_int8_bundle_from_the_cli(tmp_path):
     measured = b.manifest.verification["int8"]
     assert measured["images"] == 2 and measured["calibration_images"] == 3 and measured["activations"] == "u8"
     assert 0 <= measured["peaks_identical"] <= 1 and measured["masks"] > 0
+    # on the CPU the peaks come from the segment graph's forward pass, which int8 leaves fp32
+    assert measured["peaks_identical_shared_forward"] == 1.0
 
     fp32 = tmp_path / "fp32"
     export_bundle(prm, fill, fp32, ExportOptions(max_peaks=8, verify=False), log=lambda *_: None)

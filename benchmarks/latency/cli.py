@@ -31,6 +31,7 @@ from .paths import (
     _runtime_path,
     _synced,
     _tensorrt_engines,
+    achieved_rates,
     calibrate_maps,
     count_flops,
     gemm_rate,
@@ -145,7 +146,7 @@ def main(backbone, image_size, num_peaks, batch_sizes, num_images, reference_ima
             _, coords, _, _ = detect_t(x)
             times["detect"] = _synced(device, t0)
             t0 = time.perf_counter()
-            _, iam = segment_t(x, coords[0, :num_peaks])
+            iam = segment_t(x, coords[0, :num_peaks])[1]
             iam = iam.cpu().numpy()
             times["segment"] = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -225,6 +226,9 @@ def main(backbone, image_size, num_peaks, batch_sizes, num_images, reference_ima
         # the segment graph's own propagation nodes instead of the fused kernel: the kernel's gain
         engines.append(("onnxruntime-cpu-graphprop", dict(bundle=str(bundle_dir), backend="onnxruntime",
                         providers=["CPUExecutionProvider"], propagation="graph"), [("", "crf", 0, sizes[:1])]))
+        # detect and segment each running the backbone (the two graphs whole): the shared forward's gain
+        engines.append(("onnxruntime-cpu-twoforwards", dict(bundle=str(bundle_dir), backend="onnxruntime",
+                        providers=["CPUExecutionProvider"], share_forward=False), [("", "crf", 0, sizes[:1])]))
         if "int8" in bundles:
             engines.append(("onnxruntime-cpu-int8", dict(bundle=str(bundles["int8"]), backend="onnxruntime",
                             providers=["CPUExecutionProvider"]), variants))
@@ -287,18 +291,16 @@ def main(backbone, image_size, num_peaks, batch_sizes, num_images, reference_ima
     detect_flops = count_flops(DetectGraph(model, 3, "median", 0.0, upsample, num_peaks).eval(), x1)
     segment_flops = count_flops(SegmentGraph(model, filling, upsample).eval(), x1, peaks)
     rate = gemm_rate()
-    cpu = results["paths"].get("onnxruntime-cpu-b1", {}).get("stage_mean_s", {})
+    cpu = results["paths"].get("onnxruntime-cpu-b1", {})
+    cpu = cpu if "stage_mean_s" in cpu else None
     results["flops"] = {"detect_per_image": detect_flops, "segment_per_image": segment_flops, "gemm_flops_per_s": rate,
-                        "detect_achieved_flops_per_s": detect_flops / cpu["detect"] if cpu.get("detect") else None,
-                        "segment_achieved_flops_per_s": segment_flops / cpu["segment"] if cpu.get("segment") else None}
+                        "engine_achieved_flops_per_s": achieved_rates(cpu, detect_flops, segment_flops).get("engine")
+                        if cpu else None}
     if torch.cuda.is_available():
         results["flops"]["gpu_gemm_flops_per_s"] = {dtype: gemm_rate_cuda(dtype) for dtype in ("fp32", "tf32", "fp16")}
-    # achieved rate of every path that ran, per stage (for a batch > 1: per image of the batch)
-    results["flops"]["achieved_per_path"] = {
-        name: {stage: flops / r["stage_mean_s"][stage] for stage, flops in (("detect", detect_flops),
-                                                                           ("segment", segment_flops))
-               if r["stage_mean_s"][stage] > 0}
-        for name, r in results["paths"].items() if "stage_mean_s" in r}
+    # achieved rate of every path that ran (for a batch > 1: per image of the batch)
+    results["flops"]["achieved_per_path"] = {name: achieved_rates(r, detect_flops, segment_flops)
+                                             for name, r in results["paths"].items() if "stage_mean_s" in r}
 
     for ref_name, key in (("reference", ""), ("reference-cuda", "_vs_reference_cuda")):
         ref = results["paths"].get(ref_name)

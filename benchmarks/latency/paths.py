@@ -125,6 +125,22 @@ def count_flops(module, *args) -> int:
     return int(counter.get_total_flops())
 
 
+def achieved_rates(result: dict, detect_flops: int, segment_flops: int) -> dict[str, float]:
+    """FLOP/s a runtime path reached: per graph (``detect``, ``segment``) where its stages are
+    the two graphs, and ``engine``: the work done once per image over detect + segment time.
+    With the shared forward the detect stage runs the segment graph's forward half, so only
+    ``engine`` means anything, and the work is the segment graph's alone."""
+    stages = result["stage_mean_s"]
+    engine_s = stages["detect"] + stages["segment"]
+    if "shared forward" in result.get("engine", ""):
+        return {"engine": segment_flops / engine_s} if engine_s > 0 else {}
+    rates = {stage: flops / stages[stage] for stage, flops in (("detect", detect_flops), ("segment", segment_flops))
+             if stages[stage] > 0}
+    if engine_s > 0:
+        rates["engine"] = (detect_flops + segment_flops) / engine_s
+    return rates
+
+
 def summarise(samples: list[float]) -> dict[str, float]:
     return {**{f"{k}_s": v for k, v in percentiles(samples).items()}, "n": len(samples)}
 

@@ -133,7 +133,10 @@ class _ConvRule:
         self.shifted = x - x.amin(dim=(1, 2, 3), keepdim=True)
         self.pos_w = F.relu(conv.weight)
         norm = F.conv2d(self.shifted, self.pos_w, None, conv.stride, conv.padding, conv.dilation, conv.groups)
-        self.inv_norm = torch.where(norm < EPS, torch.zeros_like(norm), 1.0 / (norm.abs() + EPS))
+        # 0 where N < eps, written as a mask product: the same numbers as a select, and in
+        # onnxruntime a Mul instead of a Where over a materialised zero tensor (26 % of the
+        # forward half's time at resnet50@448)
+        self.inv_norm = (norm >= EPS).to(norm.dtype) * (1.0 / (norm.abs() + EPS))
 
     def transpose(self, z: Tensor) -> Tensor:
         """(P, Cout, Ho, Wo) -> (P, Cin, H, W): conv_transpose with W+, sized to the input."""
