@@ -33,7 +33,8 @@ EXIT_OK, EXIT_IMAGES_FAILED, EXIT_INTERRUPTED = 0, 1, 130
               help="CPU: detect on the segment graph's forward pass and keep it for the image's peaks, so the "
                    "backbone runs once per image (costs memory: about 385 MB per image of a batch, resnet50@448). "
                    "Default: on the CPU provider where the bundle allows it.")
-@click.option("--batch-size", default=4, show_default=True, help="Images per detect call.")
+@click.option("--batch-size", default=4, show_default=True,
+              help="Images per detect call (with the CPU's shared forward detect goes image by image).")
 @click.option("--refine", type=click.Choice(["crf", "threshold", "none"]), default="crf", show_default=True,
               help="crf: dense CRF per instance; threshold/none: activation map >= --mask-threshold.")
 @click.option("--crf-backend", type=click.Choice(["auto", "graph", "pydensecrf"]), default="auto", show_default=True,

@@ -44,7 +44,7 @@ STAGES = ("decode", "detect", "segment", "refine", "write")
 class InferOptions(PredictOptions):
     """A folder run: the semantics overrides of :class:`PredictOptions`, and how the run goes."""
 
-    batch_size: int = 4  # images per detect call
+    batch_size: int = 4  # images per detect call (1 with the CPU's shared forward)
     crf_workers: int = 0  # refinement processes; 0: one per CPU core; 1: in this process
     save: tuple[str, ...] = SAVE_CHOICES
     resume: bool = False
@@ -299,6 +299,9 @@ def run(bundle: Bundle, backend, source: str | Path, out_dir: str | Path, option
         rgb = decode_image(item.path)
         return _Image(item, rgb, segmenter.preprocess(rgb)), time.perf_counter() - t0
 
+    # The CPU's shared forward detects image by image and keeps each image's forward pass until
+    # its segment: a batch would only hold more of them (8 at resnet50@448: 3 GB, and 10 % slower).
+    per_detect = 1 if getattr(segmenter.backend, "shared", None) is not None else options.batch_size
     try:
         queue, pending = deque(todo), deque()  # pending: decodes in flight, 2 batches ahead
         while queue or pending:
@@ -306,7 +309,7 @@ def run(bundle: Bundle, backend, source: str | Path, out_dir: str | Path, option
                 it = queue.popleft()
                 pending.append((it, decoder.submit(decode, it)))
             batch = []
-            while pending and len(batch) < options.batch_size:
+            while pending and len(batch) < per_detect:
                 it, future = pending.popleft()
                 try:
                     image, seconds = future.result()
