@@ -94,17 +94,19 @@ class EngineStage:
 
         rows = _rows(batch)
         live = [(i, pickle.loads(r["payload"])) for i, r in enumerate(rows) if not r["error"]]
-        if live:
+        step = self.segmenter.detect_batch(len(live))
+        for start in range(0, len(live), step):
+            chunk = live[start : start + step]
             t0 = time.perf_counter()
             try:
-                tensors = np.stack([self.segmenter.preprocess(p["rgb"]) for _, p in live])
+                tensors = np.stack([self.segmenter.preprocess(p["rgb"]) for _, p in chunk])
                 found = self.segmenter.detect(tensors)
             except Exception as exc:  # the engine refused the batch: its images fail
-                for i, _ in live:
+                for i, _ in chunk:
                     rows[i] = _fail(rows[i], "detect", exc)
-                return _batch(rows)
-            detect_s = (time.perf_counter() - t0) / len(live)
-            for (i, payload), tensor, peaks in zip(live, tensors, found):
+                continue
+            detect_s = (time.perf_counter() - t0) / len(chunk)
+            for (i, payload), tensor, peaks in zip(chunk, tensors, found):
                 t0 = time.perf_counter()
                 try:
                     maps = self.segmenter.segment(tensor, peaks)

@@ -196,6 +196,12 @@ class Segmenter:
                 states[i] if len(chosen) else None))
         return out
 
+    def detect_batch(self, requested: int) -> int:
+        """How many images to detect per call when ``requested`` are at hand: 1 where the engine
+        shares the forward pass (it detects image by image anyway, and each image's forward is
+        kept until its segment: 8 at resnet50@448 held 3 GB and ran 10 % slower), else all."""
+        return 1 if getattr(self.backend, "shared", None) is not None else max(1, requested)
+
     def segment(self, tensor: np.ndarray, peaks: ImagePeaks) -> np.ndarray:
         """One image's (3, S, S) input and its peaks -> (P, S, S) float32 activation maps. Takes
         (and releases) the forward pass ``detect`` kept on ``peaks``, where the engine shares it."""
@@ -229,18 +235,22 @@ class Segmenter:
         return self.predict_batch([rgb])[0]
 
     def predict_batch(self, images: list[np.ndarray]) -> list[list[Instance]]:
-        """Several images: one detect call for all, then each image's peaks."""
+        """Several images: one detect call for all (image by image with a shared forward), then
+        each image's peaks."""
         if not images:
             return []
         for rgb in images:
             if not (isinstance(rgb, np.ndarray) and rgb.ndim == 3 and rgb.shape[2] == 3 and rgb.dtype == np.uint8):
                 raise ValueError(f"expected an (H, W, 3) uint8 RGB array, got {getattr(rgb, 'dtype', type(rgb))} "
                                  f"{getattr(rgb, 'shape', '')}")
-        tensors = np.stack([self.preprocess(rgb) for rgb in images])
         out, capped = [], CapReport()
-        for i, (rgb, tensor, peaks) in enumerate(zip(images, tensors, self.detect(tensors))):
-            capped.add(f"image {i}", peaks)
-            out.append(self.instances(peaks, self.refine(rgb, self.segment(tensor, peaks))))
+        step = self.detect_batch(len(images))
+        for start in range(0, len(images), step):
+            chunk = images[start : start + step]
+            tensors = np.stack([self.preprocess(rgb) for rgb in chunk])
+            for i, (rgb, tensor, peaks) in enumerate(zip(chunk, tensors, self.detect(tensors)), start):
+                capped.add(f"image {i}", peaks)
+                out.append(self.instances(peaks, self.refine(rgb, self.segment(tensor, peaks))))
         capped.warn(self.manifest.peaks.max_peaks, self.max_instances, self.user_max_instances)
         return out
 

@@ -118,8 +118,9 @@ def test_segment_graph_runs_any_peak_count(bundle):
     image = np.random.default_rng(0).normal(size=(1, 3, SIZE, SIZE)).astype(np.float32)
     for n in (1, 2, 5):
         peaks = np.stack([np.arange(n) % 4, np.arange(n) % 8, (3 * np.arange(n)) % 8], axis=1).astype(np.int64)
-        prm, iam = sess.run(None, {"image": image, "peaks": peaks})
+        prm, iam, crm = sess.run(None, {"image": image, "peaks": peaks})
         assert prm.shape == iam.shape == (n, SIZE, SIZE)
+        assert crm.shape[0] == 1 and crm.shape[2:] == (SIZE // 32, SIZE // 32)
         np.testing.assert_allclose(prm.sum(axis=(1, 2)), 1.0, rtol=1e-4)
         assert iam.min() >= 0 and iam.max() <= 1
 

@@ -13,7 +13,7 @@ import pytest
 from iam_runtime.backends import FORWARD_STATE, BackendError, OnnxRuntimeBackend
 from iam_runtime.bundle import MANIFEST, SEGMENT_CRM, load_bundle, sha256_file
 from iam_runtime.images import decode_image
-from iam_runtime.segmenter import Segmenter
+from iam_runtime.segmenter import PredictOptions, Segmenter
 
 from .conftest import copy_val_images
 
@@ -68,6 +68,15 @@ def test_segmenter_consumes_the_state_and_matches_whole_graphs(trained_bundle, p
     assert all(p.forward is None for p in found)  # released once the image is segmented
     for t, p, m in zip(tensors, whole.detect(tensors), maps):
         np.testing.assert_allclose(m, whole.segment(t, p), atol=1e-4)
+    # detect goes image by image where the forward is shared; predict_batch gives the same instances
+    assert shared.detect_batch(8) == 1 and whole.detect_batch(8) == 8
+    options = PredictOptions(refine="threshold")
+    a, b = (Segmenter(bundle, s.backend, options).predict_batch(photos[:3]) for s in (shared, whole))
+    assert [len(x) for x in a] == [len(x) for x in b] and sum(map(len, a)) > 0
+    for xs, ys in zip(a, b):
+        for x, y in zip(xs, ys):
+            assert (x.class_index, x.peak) == (y.class_index, y.peak)
+            assert (x.mask != y.mask).mean() < 1e-3
 
 
 def _bundle_without_crm(src, dst):
