@@ -18,7 +18,7 @@ class Partition:
     ``tail_outputs``; the head computes ``head_outputs`` (the graph's outputs that do not depend
     on the cut), ``extra`` and the carried tensors it produces."""
 
-    head: onnx.ModelProto
+    head: onnx.ModelProto | None  # None where not asked for
     tail: onnx.ModelProto
     fed: list[str]
     carried: list[str]
@@ -88,11 +88,12 @@ class GraphIndex:
 
 
 def partition(index: GraphIndex, tail_ids: set[int], fed: list[str], extra: list[str] = (),
-              name: str | None = None) -> Partition:
+              name: str | None = None, with_head: bool = True) -> Partition:
     """Cut ``index``'s graph: the tail is the nodes ``tail_ids``, fed the tensors ``fed``; the head
     is what the graph's remaining outputs, ``extra`` and the tail's other inputs are computed from.
     A tail input that depends on no graph input (weights prepared from constants) is computed in
-    the tail rather than carried across; a graph input the tail reads is carried as it is."""
+    the tail rather than carried across; a graph input the tail reads is carried as it is.
+    ``with_head=False``: only the tail is built (the head's model would copy its weights)."""
     fed, extra = list(fed), list(extra)
     name = name or index.graph.name
     graph_inputs = set(index.inputs)
@@ -116,8 +117,10 @@ def partition(index: GraphIndex, tail_ids: set[int], fed: list[str], extra: list
     tail_outputs = [o for o in index.outputs if o in produced]
     head_outputs = [o for o in index.outputs if o not in produced]
     from_head = [t for t in dict.fromkeys([*head_outputs, *extra, *carried]) if t not in graph_inputs]
-    head_ids = index.ancestors(from_head)
-    head_used = {i for n in index.graph.node if id(n) in head_ids for i in n.input}
-    head = index.submodel(head_ids, [i for i in index.inputs if i in head_used], from_head, f"{name}_head")
+    head = None
+    if with_head:
+        head_ids = index.ancestors(from_head)
+        head_used = {i for n in index.graph.node if id(n) in head_ids for i in n.input}
+        head = index.submodel(head_ids, [i for i in index.inputs if i in head_used], from_head, f"{name}_head")
     tail = index.submodel(copied | tail_ids, [*fed, *carried], tail_outputs, f"{name}_tail")
     return Partition(head, tail, fed, carried, extra, head_outputs, tail_outputs, list(index.inputs))

@@ -58,7 +58,7 @@ class SharedForward:
             raise ValueError(f"the segment graph's {SEGMENT_CRM!r} output depends on the peaks")
         det = GraphIndex(detect)
         crm = det.nodes(FIND_PEAKS[1], FIND_PEAKS[0])[0].input[0]
-        self.finder = partition(det, det.downstream([crm]), [crm], name="detect")
+        self.finder = partition(det, det.downstream([crm]), [crm], name="detect", with_head=False)
         if self.finder.carried:
             raise ValueError(f"the detect graph's peak finding reads {self.finder.carried} besides the class response maps")
         self.image_stage = make_session(self.stages.head.SerializeToString())
