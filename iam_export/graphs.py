@@ -6,7 +6,7 @@
 * :class:`SegmentGraph`: one image (1, 3, S, S) and P of its peaks (P, 3) int64 -> peak
   response maps (P, S, S), instance activation maps (P, S, S) and the image's class response
   maps (1, C, S/32, S/32). Peak backprop in the batched explicit form, filling with one
-  ``iam.PropagateAffinity`` node. The crm output is the forward pass that peak backprop runs
+  ``iam.PropagateAffinity`` node, in its export form (:mod:`.filling_graph`). The crm output is the forward pass that peak backprop runs
   anyway: an engine that splits the graph where ``peaks`` enters can find the image's peaks on
   it (with the detect graph's peak finding) and not run the backbone a second time.
 """
@@ -18,6 +18,8 @@ from torch import Tensor, nn
 
 from iam_train.models import InstanceExtentFilling, PeakBackprop, ResNetFCN, peak_stimulated_scores
 from iam_train.models.peaks import find_peaks_op
+
+from .filling_graph import FillingGraph
 
 
 class DetectGraph(nn.Module):
@@ -39,13 +41,14 @@ class SegmentGraph(nn.Module):
         super().__init__()
         self.backprop = PeakBackprop(backbone, upsample_factor)
         self.filling = filling
+        self.fill = FillingGraph(filling)
 
     def forward(self, image: Tensor, peaks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         tape = self.backprop.record(image)
         prm = tape.backward(peaks)
         feats = tape.features
         kernels = self.filling.affinity_kernels(feats.c2, feats.c3, feats.c4)
-        return prm, self.filling(prm, kernels), feats.crm
+        return prm, self.fill(prm, kernels), feats.crm
 
 
 @torch.no_grad()

@@ -86,12 +86,25 @@ def quantize_detect(model_path: Path, out_path: Path, images: list[np.ndarray], 
 
 def backward_convs(model: onnx.ModelProto) -> list[str]:
     """The segment graph's backward-pass convolutions: those whose weights the graph derives from
-    the model's weights (positive part, transposed) rather than takes as they are."""
-    inits = {i.name for i in model.graph.initializer}
+    the model's weights by a transpose of their positive part (W+, spatially flipped where the
+    kernel is larger than 1x1), rather than takes as they are. The filling decoder's transposed
+    convolutions, rewritten as convolutions of flipped weights too, are not W+ and stay fp32."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
     producer = {o: n for n in model.graph.node for o in n.output}
+
+    def positive_part(name: str) -> bool:
+        while name in producer and producer[name].op_type in ("Transpose", "Slice"):
+            name = producer[name].input[0]
+        if name in producer:
+            return producer[name].op_type == "Relu"
+        # relu(W) that the exporter folded into a constant
+        return name in inits and bool((numpy_helper.to_array(inits[name]) >= 0).all())
+
     return [n.name for n in model.graph.node
             if n.op_type == "Conv" and n.input[1] not in inits and n.input[1] in producer
-            and producer[n.input[1]].op_type == "Transpose"]
+            and producer[n.input[1]].op_type == "Transpose" and positive_part(n.input[1])]
 
 
 def fold_weights(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -274,6 +274,38 @@ def _photos(folder, count: int):
     return folder
 
 
+def test_int8_selects_the_backward_convolutions_by_their_positive_weights():
+    """backward_convs: convs of transposed W+ (a Relu node, or relu(W) the exporter folded into a
+    non-negative constant), spatially flipped or not; not the filling decoder's transposed convs,
+    which the rewrite also turns into convs of flipped, transposed weights."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from iam_export.int8 import backward_convs
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 4, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.abs(rng.standard_normal((4, 4, 1, 1))).astype(np.float32), "relu_folded"),
+             numpy_helper.from_array(rng.standard_normal((4, 4, 3, 3)).astype(np.float32), "decode_w")]
+    for name, value in (("starts", [-1, -1]), ("ends", [-(2**62), -(2**62)]), ("axes", [2, 3]), ("steps", [-1, -1])):
+        inits.append(numpy_helper.from_array(np.array(value, dtype=np.int64), name))
+    flip = ["starts", "ends", "axes", "steps"]
+    nodes = [
+        helper.make_node("Relu", ["w"], ["w_pos"]),
+        helper.make_node("Slice", ["w_pos", *flip], ["w_pos_flipped"]),
+        helper.make_node("Transpose", ["w_pos_flipped"], ["w_backward"], perm=[1, 0, 2, 3]),
+        helper.make_node("Conv", ["x", "w_backward"], ["y1"], name="backward_3x3", pads=[1, 1, 1, 1]),
+        helper.make_node("Transpose", ["relu_folded"], ["w_backward_1x1"], perm=[1, 0, 2, 3]),
+        helper.make_node("Conv", ["y1", "w_backward_1x1"], ["y2"], name="backward_1x1"),
+        helper.make_node("Slice", ["decode_w", *flip], ["decode_flipped"]),
+        helper.make_node("Transpose", ["decode_flipped"], ["decode_conv_w"], perm=[1, 0, 2, 3]),
+        helper.make_node("Conv", ["y2", "decode_conv_w"], ["y3"], name="decoder", pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["y3", "w"], ["y"], name="forward", pads=[1, 1, 1, 1]),
+    ]
+    vi = lambda n: helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 4, 8, 8])  # noqa: E731
+    model = helper.make_model(helper.make_graph(nodes, "g", [vi("x")], [vi("y")], inits))
+    assert backward_convs(model) == ["backward_3x3", "backward_1x1"]
+
+
 def test_int8_bundle_from_the_cli(tmp_path):
     """iam-export onnx --precision int8: Q/DQ on detect's convolutions and on peak backprop's
     backward convolutions only; the iam ops kept; the agreement with fp32 measured and recorded;
