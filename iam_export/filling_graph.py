@@ -1,18 +1,18 @@
 """Export-only form of the filling network: the same maps, without its two largest tensors.
 
 At 448 px the filling network's first encoder layer and its last decoder layer each work on a
-(P, 64, 448, 448) tensor, a gigabyte at 5 peaks, and on a CPU they are memory-bound: profiled
+(P, 64, 448, 448) tensor, 257 MB at 5 peaks, and on a CPU they are memory-bound: profiled
 on onnxruntime (resnet50@448, 5 peaks), the ops touching those two tensors took about a third
-of the segment graph's time. :class:`FillingGraph` computes the same function in an order that
+of the segment graph's time. :func:`filling_forward` computes the same function in an order that
 never materialises them more than once (the encoder) or at all (the decoder):
 
-* :class:`PooledConvNorm` (conv -> BatchNorm on batch statistics -> ReLU -> MaxPool): the
+* :func:`pooled_conv_norm` (conv -> BatchNorm on batch statistics -> ReLU -> MaxPool): the
   statistics of the conv's output are found from the second moments of its input's patches
   where those are fewer than its channels (the encoder's first layer: 9 patch values against 64
   channels), and the affine normalisation and the ReLU run after the pooling. Both are monotone
   per channel once each channel's conv is multiplied by the sign of its BatchNorm scale, so the
   max of the normalised values is the normalised max.
-* :class:`UpsampledConvNorm` (bilinear x2 -> 3x3 transposed conv -> BatchNorm -> activation):
+* :func:`upsampled_conv_norm` (bilinear x2 -> 3x3 transposed conv -> BatchNorm -> activation):
   where the conv has fewer outputs times taps than inputs (the decoder's last layer: 1 x 9
   against 64), each tap's channel sum runs before the upsampling, which is linear and the same
   for every channel, and the taps are summed after it.
@@ -59,107 +59,85 @@ def _patch_moments(x: Tensor, kernel: int, padding: int) -> tuple[Tensor, Tensor
     return mean, cov
 
 
-class PooledConvNorm(nn.Module):
-    """A :class:`ConvNorm` of conv (stride 1), BatchNorm on batch statistics, ReLU and
-    MaxPool: (N, Cin, H, W) -> (N, Cout, H/s, W/s), the layer's output."""
-
-    def __init__(self, layer: ConvNorm):
-        super().__init__()
-        if not self.applies(layer):
-            raise ValueError(f"not a conv -> BatchNorm (batch statistics) -> ReLU -> MaxPool layer: {layer}")
-        self.layer = layer
-
-    @staticmethod
-    def applies(layer: nn.Module) -> bool:
-        if not isinstance(layer, ConvNorm) or len(layer) != 4:
-            return False
-        conv, norm, relu, pool = layer
-        return (isinstance(conv, nn.Conv2d) and conv.stride == (1, 1) and conv.groups == 1
-                and conv.dilation == (1, 1) and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple)
-                and len(set(conv.kernel_size)) == 1 and len(set(conv.padding)) == 1
-                and isinstance(norm, BatchNorm2d) and norm.batch_statistics and not norm.training
-                and norm.affine and isinstance(relu, nn.ReLU) and isinstance(pool, nn.MaxPool2d))
-
-    def forward(self, x: Tensor) -> Tensor:
-        conv, norm, _, pool = self.layer
-        # each channel times the sign of its scale: the normalisation is then increasing in it
-        sign = torch.where(norm.weight < 0, -1.0, 1.0).to(conv.weight.dtype)
-        weight = conv.weight * sign[:, None, None, None]
-        y = F.conv2d(x, weight, None, padding=conv.padding)
-        if weight[0].numel() < conv.out_channels:  # fewer patch values (Cin k^2) than channels
-            mean_p, cov = _patch_moments(x, conv.kernel_size[0], conv.padding[0])
-            w = weight.flatten(1)  # (Cout, K)
-            mean, var = w @ mean_p, ((w @ cov) * w).sum(dim=1)
-        else:
-            mean, var = _batch_moments(y)
-        scale = norm.weight.abs() * torch.rsqrt(var + norm.eps)
-        return F.relu((pool(y) - mean[:, None, None]) * scale[:, None, None] + norm.bias[:, None, None])
+def pools_after_norm(layer: nn.Module) -> bool:
+    """Whether :func:`pooled_conv_norm` computes ``layer``: a :class:`ConvNorm` of a stride-1
+    conv, BatchNorm on batch statistics (in eval mode), ReLU and MaxPool."""
+    if not isinstance(layer, ConvNorm) or len(layer) != 4:
+        return False
+    conv, norm, relu, pool = layer
+    return (isinstance(conv, nn.Conv2d) and conv.stride == (1, 1) and conv.groups == 1 and conv.dilation == (1, 1)
+            and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple)
+            and len(set(conv.kernel_size)) == 1 and len(set(conv.padding)) == 1
+            and isinstance(norm, BatchNorm2d) and norm.batch_statistics and not norm.training and norm.affine
+            and isinstance(relu, nn.ReLU) and isinstance(pool, nn.MaxPool2d))
 
 
-class UpsampledConvNorm(nn.Module):
-    """Bilinear x2 upsampling (align_corners=True) followed by a :class:`ConvNorm` of a stride-1
-    transposed conv, BatchNorm and an activation: (N, Cin, h, w) -> (N, Cout, 2h, 2w)."""
-
-    def __init__(self, layer: ConvNorm):
-        super().__init__()
-        if not self.applies(layer):
-            raise ValueError(f"not a stride-1 transposed conv -> BatchNorm -> activation with Cout k^2 < Cin: {layer}")
-        self.layer = layer
-        k = layer[0].kernel_size[0]
-        # grouped: output channel o sums its k*k taps, each shifted to its place
-        self.register_buffer("picks", torch.eye(k * k).view(1, k * k, k, k).repeat(layer[0].out_channels, 1, 1, 1),
-                             persistent=False)
-
-    @staticmethod
-    def applies(layer: nn.Module) -> bool:
-        if not isinstance(layer, ConvNorm) or len(layer) != 3:
-            return False
-        deconv, norm, _ = layer
-        if not isinstance(deconv, nn.ConvTranspose2d):
-            return False
-        k, p = deconv.kernel_size[0], deconv.padding[0]
-        return (deconv.stride == (1, 1) and deconv.groups == 1 and deconv.dilation == (1, 1)
-                and deconv.output_padding == (0, 0) and len(set(deconv.kernel_size)) == 1
-                and len(set(deconv.padding)) == 1 and p <= k - 1 and isinstance(norm, nn.BatchNorm2d)
-                and not norm.training and deconv.out_channels * k * k < deconv.in_channels)
-
-    def forward(self, x: Tensor) -> Tensor:
-        deconv, norm, act = self.layer
-        k, cout = deconv.kernel_size[0], deconv.out_channels
-        # the transposed conv as a conv (kernel flipped, in/out swapped, padding k - 1 - p), then
-        # one 1x1 conv per (output channel, tap), run before the upsampling
-        conv_weight = deconv.weight.flip(-1, -2).transpose(0, 1)  # (Cout, Cin, k, k)
-        taps = F.conv2d(x, conv_weight.permute(0, 2, 3, 1).reshape(cout * k * k, -1, 1, 1))
-        up = F.interpolate(taps, scale_factor=2, mode="bilinear", align_corners=True)
-        # with batch statistics the bias is left out, as ConvNorm leaves it out
-        bias = None if isinstance(norm, BatchNorm2d) and norm.batch_statistics else deconv.bias
-        y = F.conv2d(up, self.picks.to(up.dtype), bias, padding=k - 1 - deconv.padding[0], groups=cout)
-        return act(norm(y))
+def pooled_conv_norm(layer: ConvNorm, x: Tensor) -> Tensor:
+    """``layer(x)`` for a layer :func:`pools_after_norm` accepts: (N, Cin, H, W) -> (N, Cout, H/s, W/s)."""
+    conv, norm, _, pool = layer
+    # each channel times the sign of its scale: the normalisation is then increasing in it
+    sign = torch.where(norm.weight < 0, -1.0, 1.0).to(conv.weight.dtype)
+    weight = conv.weight * sign[:, None, None, None]
+    y = F.conv2d(x, weight, None, padding=conv.padding)
+    if weight[0].numel() < conv.out_channels:  # fewer patch values (Cin k^2) than channels
+        mean_p, cov = _patch_moments(x, conv.kernel_size[0], conv.padding[0])
+        w = weight.flatten(1)  # (Cout, K)
+        mean, var = w @ mean_p, ((w @ cov) * w).sum(dim=1)
+    else:
+        mean, var = _batch_moments(y)
+    scale = norm.weight.abs() * torch.rsqrt(var + norm.eps)
+    return F.relu((pool(y) - mean[:, None, None]) * scale[:, None, None] + norm.bias[:, None, None])
 
 
-class FillingGraph(nn.Module):
-    """``InstanceExtentFilling.forward`` in its export form: prm (P, H, W) and kernels
-    (P or 1, D*k*k, H/4, W/4) -> (P, H, W) instance activation maps."""
-
-    def __init__(self, filling: InstanceExtentFilling):
-        super().__init__()
-        if filling.training:
-            raise ValueError("FillingGraph is an inference form: put the filling network in eval() first")
-        self.steps = filling.steps
-        encode, decode = filling.encode, filling.decode
-        self.encode = nn.Sequential(*(PooledConvNorm(m) if PooledConvNorm.applies(m) else m
-                                      for m in (encode.encode1, encode.encode2)))
-        self.decode1 = decode.decode1
-        self.decode2 = _upsampled(decode.decode2)
-        self.decode3 = UpsampledConvNorm(decode.decode3) if UpsampledConvNorm.applies(decode.decode3) \
-            else _upsampled(decode.decode3)
-
-    def forward(self, prm: Tensor, kernels: Tensor) -> Tensor:
-        x = self.encode(prm.unsqueeze(1))
-        x = propagate_affinity(x, kernels, self.steps)
-        return self.decode3(self.decode2(self.decode1(x))).squeeze(1)
+def sums_taps_first(layer: nn.Module) -> bool:
+    """Whether :func:`upsampled_conv_norm` computes ``layer`` after the upsampling: a
+    :class:`ConvNorm` of a stride-1 transposed conv with fewer outputs times taps than inputs,
+    BatchNorm (in eval mode) and an activation."""
+    if not isinstance(layer, ConvNorm) or len(layer) != 3 or not isinstance(layer[0], nn.ConvTranspose2d):
+        return False
+    deconv, norm, _ = layer
+    k, p = deconv.kernel_size[0], deconv.padding[0]
+    return (deconv.stride == (1, 1) and deconv.groups == 1 and deconv.dilation == (1, 1)
+            and deconv.output_padding == (0, 0) and len(set(deconv.kernel_size)) == 1
+            and len(set(deconv.padding)) == 1 and p <= k - 1 and isinstance(norm, nn.BatchNorm2d)
+            and not norm.training and deconv.out_channels * k * k < deconv.in_channels)
 
 
-def _upsampled(layer: nn.Module) -> nn.Sequential:
+def upsampled_conv_norm(layer: ConvNorm, x: Tensor) -> Tensor:
+    """``layer(upsample(x))`` (bilinear x2, align_corners=True) for a layer :func:`sums_taps_first`
+    accepts: (N, Cin, h, w) -> (N, Cout, 2h, 2w)."""
+    deconv, norm, act = layer
+    k, cout = deconv.kernel_size[0], deconv.out_channels
+    # the transposed conv as a conv (kernel flipped, in/out swapped, padding k - 1 - p), then one
+    # 1x1 conv per (output channel, tap), run before the upsampling
+    conv_weight = deconv.weight.flip(-1, -2).transpose(0, 1)  # (Cout, Cin, k, k)
+    taps = F.conv2d(x, conv_weight.permute(0, 2, 3, 1).reshape(cout * k * k, -1, 1, 1))
+    up = F.interpolate(taps, scale_factor=2, mode="bilinear", align_corners=True)
+    # grouped: output channel o sums its k*k taps, each shifted to its place
+    picks = torch.eye(k * k, dtype=up.dtype, device=up.device).view(1, k * k, k, k).repeat(cout, 1, 1, 1)
+    # with batch statistics the bias is left out, as ConvNorm leaves it out
+    bias = None if isinstance(norm, BatchNorm2d) and norm.batch_statistics else deconv.bias
+    return act(norm(F.conv2d(up, picks, bias, padding=k - 1 - deconv.padding[0], groups=cout)))
+
+
+def _upsampled(layer: nn.Module, x: Tensor) -> Tensor:
     """The decoder's own order: bilinear x2 (align_corners=True), then the layer."""
-    return nn.Sequential(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True), layer)
+    return layer(F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True))
+
+
+def _encode(layer: nn.Module, x: Tensor) -> Tensor:
+    return pooled_conv_norm(layer, x) if pools_after_norm(layer) else layer(x)
+
+
+def filling_forward(filling: InstanceExtentFilling, prm: Tensor, kernels: Tensor) -> Tensor:
+    """``filling(prm, kernels)`` (eval mode) in its export form: prm (P, H, W) and kernels
+    (P or 1, D*k*k, H/4, W/4) -> (P, H, W) instance activation maps. Works on the network's own
+    parameters, so an exported graph names them as the network does."""
+    if filling.training:
+        raise ValueError("the filling network's export form is for inference: call eval() first")
+    encode, decode = filling.encode, filling.decode
+    x = _encode(encode.encode2, _encode(encode.encode1, prm.unsqueeze(1)))
+    x = propagate_affinity(x, kernels, filling.steps)
+    x = _upsampled(decode.decode2, decode.decode1(x))
+    last = upsampled_conv_norm(decode.decode3, x) if sums_taps_first(decode.decode3) else _upsampled(decode.decode3, x)
+    return last.squeeze(1)

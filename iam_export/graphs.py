@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from iam_train.models import InstanceExtentFilling, PeakBackprop, ResNetFCN, peak_stimulated_scores
 from iam_train.models.peaks import find_peaks_op
 
-from .filling_graph import FillingGraph
+from .filling_graph import filling_forward
 
 
 class DetectGraph(nn.Module):
@@ -41,14 +41,13 @@ class SegmentGraph(nn.Module):
         super().__init__()
         self.backprop = PeakBackprop(backbone, upsample_factor)
         self.filling = filling
-        self.fill = FillingGraph(filling)
 
     def forward(self, image: Tensor, peaks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         tape = self.backprop.record(image)
         prm = tape.backward(peaks)
         feats = tape.features
         kernels = self.filling.affinity_kernels(feats.c2, feats.c3, feats.c4)
-        return prm, self.fill(prm, kernels), feats.crm
+        return prm, filling_forward(self.filling, prm, kernels), feats.crm
 
 
 @torch.no_grad()

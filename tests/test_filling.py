@@ -119,11 +119,11 @@ def test_checkpoint_architecture_round_trips_and_old_records_keep_their_semantic
 @pytest.mark.parametrize("normalization", ["batch", "running"])
 @pytest.mark.parametrize("hidden", [32, 8])
 def test_export_form_is_the_filling_network(normalization, hidden):
-    """iam_export's FillingGraph (statistics from patch moments, the normalisation after the
+    """iam_export's filling_forward (statistics from patch moments, the normalisation after the
     pooling, the decoder's last layer summed before the upsampling) computes the network's maps:
     float64, BatchNorm scales of both signs. With hidden 8 the decoder's last layer has more taps
     (1 x 9) than inputs and runs as the model's own; in "running" mode the encoder does."""
-    from iam_export.filling_graph import FillingGraph, PooledConvNorm, UpsampledConvNorm
+    from iam_export.filling_graph import filling_forward, pools_after_norm, sums_taps_first
 
     g = torch.Generator().manual_seed(1)
     net = InstanceExtentFilling(feature_channels=(8, 16, 32), hidden=hidden, steps=5, normalization=normalization)
@@ -132,10 +132,9 @@ def test_export_form_is_the_filling_network(normalization, hidden):
         if isinstance(m, torch.nn.BatchNorm2d):
             m.weight.data.uniform_(-1.5, 1.5, generator=g)  # negative scales flip the max-pool's order
     net = net.double().eval()
-    graph = FillingGraph(net)
     batch = normalization == "batch"
-    assert [isinstance(m, PooledConvNorm) for m in graph.encode] == [batch, batch]
-    assert isinstance(graph.decode3, UpsampledConvNorm) == (hidden > 9)
+    assert [pools_after_norm(m) for m in (net.encode.encode1, net.encode.encode2)] == [batch, batch]
+    assert sums_taps_first(net.decode.decode3) == (hidden > 9)
     kernels = net.affinity_kernels(torch.rand(1, 8, 16, 16, generator=g).double(),
                                    torch.rand(1, 16, 8, 8, generator=g).double(),
                                    torch.rand(1, 32, 4, 4, generator=g).double())
@@ -143,6 +142,6 @@ def test_export_form_is_the_filling_network(normalization, hidden):
     prm = prm / prm.sum(dim=(1, 2), keepdim=True)
     with torch.no_grad():
         for maps in (prm, prm[:1]):
-            expected, got = net(maps, kernels), graph(maps, kernels)
+            expected, got = net(maps, kernels), filling_forward(net, maps, kernels)
             assert expected.std() > 1e-3  # not a constant map
             torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from iam_export.filling_graph import FillingGraph
+from iam_export.filling_graph import filling_forward
 from iam_train.models import CheckpointError, load_reference_filling, load_reference_prm
 from iam_train.models.filling import normalise_kernels
 
@@ -140,7 +140,6 @@ def test_filling_reproduces_the_reference_module_on_its_own_outputs():
     data = np.load(folder / "filling_case.npz")
     cases = json.loads((folder / "filling_case.json").read_text())
     model = load_reference_filling(folder / "model_filling_latest.pth.tar")
-    export_form = FillingGraph(model)  # what the segment graph computes
     feats = [torch.from_numpy(data[k].astype(np.float32) / cases["feature_scale"]) for k in ("p2", "p3", "p4")]
     with torch.no_grad():
         kernels = model.affinity_kernels(*feats)
@@ -152,7 +151,7 @@ def test_filling_reproduces_the_reference_module_on_its_own_outputs():
             # with running statistics or align_corners=False differs by 0.7 to 1.0)
             np.testing.assert_allclose(got, data[f"{name}_iam"], atol=3e-3, rtol=0)
             # the export form: within 5e-5 of the network (7.5e-6 measured), as close to the reference
-            exported = export_form(prms, kernels).numpy()
+            exported = filling_forward(model, prms, kernels).numpy()  # the segment graph's form
             np.testing.assert_allclose(exported, got, atol=5e-5, rtol=0)
             np.testing.assert_allclose(exported, data[f"{name}_iam"], atol=3e-3, rtol=0)
 
