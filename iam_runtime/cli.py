@@ -106,7 +106,8 @@ def main(input_path, out, bundle, demo, backend, providers, tf32, propagation, s
         raise click.ClickException(f"input not found: {input_path}")
     if refine == "crf":
         try:
-            check_crf_schedule(resolve_crf_backend(crf_backend), CRFSchedule(crf_max_side))
+            check_crf_schedule(resolve_crf_backend(crf_backend, providers.split(",") if providers else None),
+                               CRFSchedule(crf_max_side))
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--crf-max-side") from None
     try:
@@ -130,7 +131,8 @@ def main(input_path, out, bundle, demo, backend, providers, tf32, propagation, s
                 ray_address, ray_engine_actors, ray_crf_actors, providers=tuple(providers.split(",")) if providers
                 else None, backend=backend, tf32=tf32, propagation=propagation, share_forward=share_forward))
         else:
-            refinement = f"CRF: {resolve_crf_backend(crf_backend)}" if refine == "crf" else f"refine: {refine}"
+            refinement = (f"CRF: {resolve_crf_backend(crf_backend, getattr(engine, 'providers', None))}"
+                          if refine == "crf" else f"refine: {refine}")
             click.echo(f"{engine.describe()}; {refinement}; bundle {bundle} ({describe_semantics(loaded.manifest)})",
                        err=True)
             summary = run(loaded, engine, input_path, out, options)

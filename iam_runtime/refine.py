@@ -19,6 +19,7 @@ Where the CRF runs (``CRFSpec.frame``):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,16 +31,18 @@ from .images import resize_rgb
 CRF_BACKENDS = ("auto", "graph", "pydensecrf")
 
 
-def resolve_crf_backend(backend: str) -> str:
-    """"auto" -> "graph" where onnxruntime has its CUDA provider, else "pydensecrf"; the others
-    as they are."""
+def resolve_crf_backend(backend: str, providers: Sequence[str] | None = None) -> str:
+    """"auto" -> "graph" where onnxruntime has its CUDA provider and the engine's ``providers``
+    (None: any) include it, else "pydensecrf"; the others as they are."""
     if backend not in CRF_BACKENDS:
         raise ValueError(f"unknown CRF backend {backend!r}; choose one of {', '.join(CRF_BACKENDS)}")
     if backend != "auto":
         return backend
     import onnxruntime as ort
 
-    return "graph" if "CUDAExecutionProvider" in ort.get_available_providers() else "pydensecrf"
+    cuda = "CUDAExecutionProvider"
+    return "graph" if cuda in ort.get_available_providers() and (providers is None or cuda in providers) \
+        else "pydensecrf"
 
 
 def check_crf_schedule(backend: str, schedule: CRFSchedule | None) -> None:

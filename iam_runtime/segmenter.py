@@ -89,6 +89,7 @@ class RefineSettings:
     schedule: CRFSchedule
     crf_backend: str = "pydensecrf"  # resolved: graph | pydensecrf
     crf_graph_file: str | None = None  # the bundle's crf.onnx; None: the graph is built in memory
+    crf_providers: tuple[str, ...] = ()  # the CRF graph's session: the engine's (): CUDA where there is one
 
     @property
     def in_process(self) -> bool:
@@ -102,7 +103,7 @@ class RefineSettings:
         if self.in_process:
             from .crf_graph import crf_graph
 
-            graph = crf_graph(self.crf_graph_file, self.crf.iterations)
+            graph = crf_graph(self.crf_graph_file, self.crf.iterations, self.crf_providers)
         return refine_instances(rgb, maps, self.method, self.crf, self.threshold, self.schedule, self.crf_backend,
                                 graph)
 
@@ -140,12 +141,15 @@ class Segmenter:
         self.nms_iou = pick(o.nms_iou, m.peaks.nms_iou)
         crf = m.crf if o.crf_frame is None else dataclasses.replace(m.crf, frame=o.crf_frame)
         graph_file = str(bundle.graph_path("crf")) if "crf" in m.graphs else None
-        crf_backend = resolve_crf_backend(o.crf_backend)
+        # the CRF follows the engine: an engine kept off the GPU (--providers) keeps it off too
+        engine_providers = getattr(backend, "providers", None)
+        crf_backend = resolve_crf_backend(o.crf_backend, engine_providers)
         schedule = CRFSchedule(o.crf_max_side, o.crf_full_iterations, o.crf_photo_max_side)
         if o.refine == "crf":
             check_crf_schedule(crf_backend, schedule)
         self.refine_settings = RefineSettings(
-            o.refine, crf, pick(o.mask_threshold, m.filling.mask_threshold), schedule, crf_backend, graph_file)
+            o.refine, crf, pick(o.mask_threshold, m.filling.mask_threshold), schedule, crf_backend, graph_file,
+            tuple(engine_providers or ()))
         # With batch statistics the filling network normalises an image's peaks together, as
         # the reference does: they go through in one call.
         self.peak_chunk = self.max_instances if m.filling.normalization == "batch" else o.peak_chunk

@@ -132,6 +132,10 @@ def test_crf_backend_choices_are_checked():
 
     cuda = "CUDAExecutionProvider" in ort.get_available_providers()
     assert resolve_crf_backend("auto") == ("graph" if cuda else "pydensecrf")
+    # the CRF follows the engine's providers: an engine kept on the CPU keeps it there
+    assert resolve_crf_backend("auto", ["CPUExecutionProvider"]) == "pydensecrf"
+    assert resolve_crf_backend("auto", ["CUDAExecutionProvider", "CPUExecutionProvider"]) == (
+        "graph" if cuda else "pydensecrf")
     with pytest.raises(ValueError, match="unknown CRF backend 'fast'"):
         resolve_crf_backend("fast")
     rgb = np.zeros((8, 8, 3), np.uint8)

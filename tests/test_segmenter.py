@@ -40,6 +40,9 @@ def test_predict_gives_the_masks_of_iam_infer(trained_bundle, images, tmp_path):
     run(bundle, backend, images, tmp_path / "out", InferOptions(crf_workers=2, progress=False, save=("json",)))
     folder = _by_image(json.loads((tmp_path / "out" / "predictions.json").read_text()))
     seg = Segmenter.from_bundle(trained_bundle, providers=["CPUExecutionProvider"])
+    # the CRF follows the engine's providers, here the CPU's, also where CUDA is present
+    assert (seg.refine_settings.crf_backend, seg.refine_settings.crf_providers) == (
+        "pydensecrf", ("CPUExecutionProvider",))
     paths = sorted(images.iterdir())
     photos = [decode_image(p) for p in paths]
     found = 0
