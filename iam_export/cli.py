@@ -35,6 +35,13 @@ def main() -> None:
 @click.option("--int8-activations", type=click.Choice(["u8", "s8"]), default="u8", show_default=True,
               help="With --precision int8: u8 = asymmetric activations, onnxruntime's fast CPU path; s8 = symmetric "
                    "(zero point 0), what TensorRT takes (slower than fp32 on onnxruntime's CPU provider).")
+@click.option("--calib-method", "int8_calibration", type=click.Choice(["percentile", "minmax"]), default="percentile",
+              show_default=True,
+              help="With --precision int8: each activation's range, the --calib-percentile of its calibration values "
+                   "or their min/max (which gave peak backprop's heavy-tailed activations too few levels: "
+                   "docs/int8.md).")
+@click.option("--calib-percentile", "int8_percentile", default=99.99, show_default=True, type=float,
+              help="With --calib-method percentile.")
 @click.option("--calib-count", default=16, show_default=True, type=click.IntRange(min=2),
               help="With --precision int8: images read from --calib-images (three quarters calibrate, the rest "
                    "measure the agreement with fp32).")
@@ -57,7 +64,8 @@ def main() -> None:
               help="BatchNorm of the filling network at inference: running statistics, or the statistics of "
                    "each image's peaks together [reference: batch; ours: running].")
 @click.option("--force", is_flag=True, help="Replace a non-empty --out.")
-def export_onnx(prm, filling, out, image_size, opset, max_peaks, precision, calib_images, int8_activations, calib_count,
+def export_onnx(prm, filling, out, image_size, opset, max_peaks, precision, calib_images, int8_activations,
+                int8_calibration, int8_percentile, calib_count,
                 verify, from_reference, reference_config,
                 steps, class_threshold, peak_threshold, nms_iou, filling_normalization, force) -> None:
     """Write an ONNX bundle (detect + segment graphs, manifest) and verify it."""
@@ -68,7 +76,8 @@ def export_onnx(prm, filling, out, image_size, opset, max_peaks, precision, cali
     from .export_onnx import ExportError, export_bundle, options_from
 
     options = options_from(image_size=image_size, opset=opset, max_peaks=max_peaks, precision=precision,
-                           calib_images=calib_images, int8_activations=int8_activations, calib_count=calib_count,
+                           calib_images=calib_images, int8_activations=int8_activations,
+                           int8_calibration=int8_calibration, int8_percentile=int8_percentile, calib_count=calib_count,
                            verify=verify,
                            from_reference=from_reference, reference_config=reference_config, steps=steps,
                            class_threshold=class_threshold, peak_threshold=peak_threshold, nms_iou=nms_iou,

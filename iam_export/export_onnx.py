@@ -66,6 +66,8 @@ class ExportOptions:
     precision: str = "fp32"  # fp32 | fp16 (convolution trunk) | int8 (Q/DQ, calibrated on calib_images)
     calib_images: str | Path | None = None  # with int8: a folder of representative images
     int8_activations: str = "u8"  # with int8: u8 (onnxruntime's fast CPU path) | s8 (symmetric: TensorRT)
+    int8_calibration: str = "percentile"  # with int8: activation ranges, percentile | minmax
+    int8_percentile: float = 99.99  # with int8 and percentile calibration
     calib_count: int = 16  # with int8: images used (the fp32 peaks of the later quarter measure the agreement)
     verify: bool = True
     from_reference: bool = False
@@ -250,6 +252,15 @@ def _check_destination(out: Path, force: bool) -> None:
 PRECISIONS = ("fp32", "fp16", "int8")
 
 
+def _int8_settings(options: ExportOptions):
+    from .int8 import Int8Settings
+
+    try:
+        return Int8Settings(options.int8_activations, options.int8_calibration, options.int8_percentile)
+    except ValueError as exc:
+        raise ExportError(f"int8: {exc}") from exc
+
+
 def _check_precision(options: ExportOptions) -> None:
     if options.precision not in PRECISIONS:
         raise ExportError(f"unknown precision {options.precision!r}; choose one of {', '.join(PRECISIONS)}")
@@ -260,6 +271,7 @@ def _check_precision(options: ExportOptions) -> None:
             raise ExportError(f"calibration folder not found: {options.calib_images}")
         if options.calib_count < 2:
             raise ExportError("--calib-count must be at least 2")
+        _int8_settings(options)
     elif options.calib_images is not None:
         raise ExportError("--calib-images goes with --precision int8")
 
@@ -321,7 +333,7 @@ def export_bundle(prm: str | Path, filling: str | Path, out: str | Path, options
 
             try:
                 manifest = quantize_bundle(tmp, Path(options.calib_images), options.calib_count,
-                                           options.int8_activations, log)
+                                           _int8_settings(options), log)
             except ValueError as exc:
                 raise ExportError(f"int8: {exc}") from exc
         if out.exists():

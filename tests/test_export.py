@@ -306,6 +306,41 @@ def test_int8_selects_the_backward_convolutions_by_their_positive_weights():
     assert backward_convs(model) == ["backward_3x3", "backward_1x1"]
 
 
+def test_int8_percentile_ranges_follow_the_values_not_their_extremes(tmp_path):
+    """On heavy-tailed activations (peak backprop's are) a min/max range gives the bulk of the
+    values a few levels; the percentile calibration's range is the values' percentile, to the
+    resolution of the histograms it merges over the feeds (collected one at a time)."""
+    from onnx import helper, numpy_helper
+
+    from iam_export.int8 import Int8Settings, _quantize
+
+    vi = lambda name: helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, [1, 4, 32, 32])  # noqa: E731
+    weight = numpy_helper.from_array(np.eye(4, dtype=np.float32)[:, :, None, None], "w")
+    model = helper.make_model(helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], name="conv")], "g",
+                                                [vi("x")], [vi("y")], [weight]),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, tmp_path / "m.onnx")
+    rng = np.random.default_rng(0)
+    feeds = [{"x": (rng.exponential(1.0, (1, 4, 32, 32)) ** 3).astype(np.float32)} for _ in range(3)]
+    feeds[1]["x"][0, 0, 0, :3] = 1e4  # a few outliers
+    values = np.concatenate([f["x"].ravel() for f in feeds])
+
+    def input_scale(settings):
+        out = tmp_path / f"{settings.calibration}.onnx"
+        _quantize(tmp_path / "m.onnx", out, feeds, None, settings)
+        inits = {t.name: numpy_helper.to_array(t) for t in onnx.load(out).graph.initializer}
+        return float(inits["x_scale"])
+
+    minmax = input_scale(Int8Settings(calibration="minmax"))
+    percentile = input_scale(Int8Settings(calibration="percentile", percentile=99.9))
+    assert minmax == pytest.approx(values.max() / 255, rel=1e-3)
+    upper = np.quantile(values, 1 - (100 - 99.9) / 200)  # onnxruntime cuts half the rest at each end
+    assert percentile * 255 == pytest.approx(upper, rel=0.05)
+    assert percentile < minmax / 10
+    with pytest.raises(ValueError, match=r"percentile must be in \(50, 100\]"):
+        Int8Settings(percentile=20)
+
+
 def test_int8_bundle_from_the_cli(tmp_path):
     """iam-export onnx --precision int8: Q/DQ on detect's convolutions and on peak backprop's
     backward convolutions only; the iam ops kept; the agreement with fp32 measured and recorded;
@@ -327,6 +362,7 @@ def test_int8_bundle_from_the_cli(tmp_path):
     assert not (out / "detect.onnx").exists() and not (out / "segment.onnx").exists()
     measured = b.manifest.verification["int8"]
     assert measured["images"] == 2 and measured["calibration_images"] == 3 and measured["activations"] == "u8"
+    assert measured["calibration"] == "percentile" and measured["percentile"] == 99.99
     assert 0 <= measured["peaks_identical"] <= 1 and measured["masks"] > 0
     # on the CPU the peaks come from the segment graph's forward pass, which int8 leaves fp32
     assert measured["peaks_identical_shared_forward"] == 1.0
@@ -378,6 +414,8 @@ def test_int8_needs_calibration_images(tmp_path):
     (tmp_path / "empty").mkdir()
     result = CliRunner().invoke(export_cli, [*args, "--calib-images", str(tmp_path / "empty")])
     assert result.exit_code != 0 and "no readable images" in result.output
+    result = CliRunner().invoke(export_cli, [*args, "--calib-images", str(tmp_path / "empty"), "--calib-percentile", "20"])
+    assert result.exit_code != 0 and "percentile must be in (50, 100]" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "b").exists()
 
 
