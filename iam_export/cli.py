@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from .int8 import ACTIVATIONS, CALIBRATIONS, Int8Settings
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
@@ -32,15 +34,15 @@ def main() -> None:
                    "agreement with fp32 measured and recorded.")
 @click.option("--calib-images", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="With --precision int8: a folder of representative images.")
-@click.option("--int8-activations", type=click.Choice(["u8", "s8"]), default="u8", show_default=True,
+@click.option("--int8-activations", type=click.Choice(ACTIVATIONS), default=Int8Settings.activations, show_default=True,
               help="With --precision int8: u8 = asymmetric activations, onnxruntime's fast CPU path; s8 = symmetric "
                    "(zero point 0), what TensorRT takes (slower than fp32 on onnxruntime's CPU provider).")
-@click.option("--calib-method", "int8_calibration", type=click.Choice(["percentile", "minmax"]), default="percentile",
+@click.option("--calib-method", "int8_calibration", type=click.Choice(CALIBRATIONS), default=Int8Settings.calibration,
               show_default=True,
               help="With --precision int8: each activation's range, the --calib-percentile of its calibration values "
                    "or their min/max (which gave peak backprop's heavy-tailed activations too few levels: "
                    "docs/int8.md).")
-@click.option("--calib-percentile", "int8_percentile", default=99.99, show_default=True, type=float,
+@click.option("--calib-percentile", "int8_percentile", default=Int8Settings.percentile, show_default=True, type=float,
               help="With --calib-method percentile.")
 @click.option("--calib-count", default=16, show_default=True, type=click.IntRange(min=2),
               help="With --precision int8: images read from --calib-images (three quarters calibrate, the rest "

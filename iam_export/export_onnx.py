@@ -45,6 +45,7 @@ from iam_train.models.peaks import map_threshold, upsample_crm
 from . import onnx_ops
 from .crf import CRF_GRAPH, write_crf_graph
 from .graphs import DetectGraph, SegmentGraph
+from .int8 import Int8Settings, quantize_bundle
 from .rewrites import conv_transpose_as_conv
 from .verify import ParityRow, compare, compare_detect, format_table, rows_as_dicts
 
@@ -65,9 +66,9 @@ class ExportOptions:
     max_peaks: int = 100
     precision: str = "fp32"  # fp32 | fp16 (convolution trunk) | int8 (Q/DQ, calibrated on calib_images)
     calib_images: str | Path | None = None  # with int8: a folder of representative images
-    int8_activations: str = "u8"  # with int8: u8 (onnxruntime's fast CPU path) | s8 (symmetric: TensorRT)
-    int8_calibration: str = "percentile"  # with int8: activation ranges, percentile | minmax
-    int8_percentile: float = 99.99  # with int8 and percentile calibration
+    int8_activations: str = Int8Settings.activations  # with int8: u8 (onnxruntime's fast CPU path) | s8 (TensorRT)
+    int8_calibration: str = Int8Settings.calibration  # with int8: activation ranges, percentile | minmax
+    int8_percentile: float = Int8Settings.percentile  # with int8 and percentile calibration
     calib_count: int = 16  # with int8: images used (the fp32 peaks of the later quarter measure the agreement)
     verify: bool = True
     from_reference: bool = False
@@ -252,8 +253,7 @@ def _check_destination(out: Path, force: bool) -> None:
 PRECISIONS = ("fp32", "fp16", "int8")
 
 
-def _int8_settings(options: ExportOptions):
-    from .int8 import Int8Settings
+def _int8_settings(options: ExportOptions) -> Int8Settings:
 
     try:
         return Int8Settings(options.int8_activations, options.int8_calibration, options.int8_percentile)
@@ -329,8 +329,6 @@ def export_bundle(prm: str | Path, filling: str | Path, out: str | Path, options
         )
         save_manifest(tmp, manifest)
         if options.precision == "int8":
-            from .int8 import quantize_bundle
-
             try:
                 manifest = quantize_bundle(tmp, Path(options.calib_images), options.calib_count,
                                            _int8_settings(options), log)
