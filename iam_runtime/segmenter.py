@@ -119,8 +119,10 @@ class ImagePeaks:
     valid: int  # valid peaks found; more than P when max_instances cut some
     detect_full: bool  # the detect graph's K outputs were full of valid peaks: more may exist
     # the engine's state of the image's forward pass, kept for segment (a shared forward), which
-    # consumes it: large (about 385 MB at resnet50@448), so never copied along with the peaks
+    # consumes it: large (about 385 MB at resnet50@448), so never copied along with the peaks;
+    # with the engine that made it, as only that engine's segment may take it
     forward: dict | None = field(default=None, repr=False, compare=False)
+    forward_engine: object = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.coords)
@@ -197,7 +199,7 @@ class Segmenter:
                 peak_input_coordinates(coords, self.crm_size, self.manifest.peaks.upsample_factor,
                                        self.manifest.peaks.stride),
                 len(valid), count == k and k > 0 and det["peak_values"][i][k - 1] > self.peak_threshold,
-                states[i] if len(chosen) else None))
+                states[i] if len(chosen) else None, self.backend))
         return out
 
     def detect_batch(self, requested: int) -> int:
@@ -208,8 +210,12 @@ class Segmenter:
 
     def segment(self, tensor: np.ndarray, peaks: ImagePeaks) -> np.ndarray:
         """One image's (3, S, S) input and its peaks -> (P, S, S) float32 activation maps. Takes
-        (and releases) the forward pass ``detect`` kept on ``peaks``, where the engine shares it."""
-        state, peaks.forward = peaks.forward, None
+        (and releases) the forward pass ``detect`` kept on ``peaks``, where the engine shares it;
+        peaks another segmenter found (another bundle, say: its state's tensors are its graphs')
+        are segmented on this engine's own forward pass, and keep their state for their own."""
+        state = None
+        if peaks.forward_engine is self.backend:
+            state, peaks.forward = peaks.forward, None
         if not len(peaks):
             return np.zeros((0, *self.manifest.input.size), np.float32)
         parts = [self.backend.segment(tensor[None], np.ascontiguousarray(peaks.coords[s : s + self.peak_chunk]), state)["iam"]

@@ -68,6 +68,14 @@ def test_segmenter_consumes_the_state_and_matches_whole_graphs(trained_bundle, p
     assert all(p.forward is None for p in found)  # released once the image is segmented
     for t, p, m in zip(tensors, whole.detect(tensors), maps):
         np.testing.assert_allclose(m, whole.segment(t, p), atol=1e-4)
+    # peaks one shared segmenter found, handed to another engine: segmented on that engine's own
+    # forward pass (the state's tensors belong to the first's graphs), the first's state kept for it
+    other = Segmenter(bundle, OnnxRuntimeBackend(bundle, CPU, share_forward=True))
+    t, p = next((t, p) for t, p in zip(tensors, shared.detect(tensors)) if len(p))
+    theirs = other.segment(t, p)
+    assert p.forward is not None  # left for the segmenter that made it
+    np.testing.assert_allclose(theirs, shared.segment(t, p), atol=1e-5)
+    assert p.forward is None
     # detect goes image by image where the forward is shared; predict_batch gives the same instances
     assert shared.detect_batch(8) == 1 and whole.detect_batch(8) == 8
     options = PredictOptions(refine="threshold")
