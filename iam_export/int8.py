@@ -154,6 +154,36 @@ def backward_convs(model: onnx.ModelProto) -> list[str]:
             and producer[n.input[1]].op_type == "Transpose" and positive_part(n.input[1])]
 
 
+def normaliser_convs(model: onnx.ModelProto) -> list[str]:
+    """The modified rule's normalisers N = conv(x - m, W+), one per convolution and image (the
+    segment graph's image stage): convolutions of relu(W) (a Relu node, or a non-negative
+    constant the exporter folded) whose input is a Sub of a ReduceMin. Their inputs and weights
+    are non-negative, and N only scales the relevance it divides."""
+    from onnx import numpy_helper
+
+    producer = {o: n for n in model.graph.node for o in n.output}
+    inits = {i.name: i for i in model.graph.initializer}
+
+    def positive(name: str) -> bool:
+        if name in producer:
+            return producer[name].op_type == "Relu"
+        return name in inits and bool((numpy_helper.to_array(inits[name]) >= 0).all())
+
+    def shifted(name: str) -> bool:
+        sub = producer.get(name)
+        return (sub is not None and sub.op_type == "Sub" and sub.input[1] in producer
+                and producer[sub.input[1]].op_type == "ReduceMin")
+
+    return [n.name for n in model.graph.node
+            if n.op_type == "Conv" and positive(n.input[1]) and shifted(n.input[0])]
+
+
+def segment_int8_convs(model: onnx.ModelProto) -> list[str]:
+    """What an int8 segment graph quantises: the backward pass's convolutions and the rule's
+    normalisers (not the forward pass, whose activations steer the rule, nor the filling)."""
+    return backward_convs(model) + normaliser_convs(model)
+
+
 def fold_weights(model: onnx.ModelProto) -> onnx.ModelProto:
     """Constant-fold the main graph (the backward weights become initialisers, so that they get
     per-channel scales); function bodies are left as they are."""
@@ -169,9 +199,9 @@ def fold_weights(model: onnx.ModelProto) -> onnx.ModelProto:
 def quantize_segment(model_path: Path, out_path: Path, samples: list[CalibrationSample],
                      settings: Int8Settings = Int8Settings()) -> None:
     model = onnx.load(str(model_path))
-    nodes = backward_convs(model)
+    nodes = segment_int8_convs(model)
     if not nodes:
-        raise ValueError(f"{model_path} has no backward-pass convolutions to quantise")
+        raise ValueError(f"{model_path} has no backward-pass convolutions or normalisers to quantise")
     folded = out_path.with_name(out_path.stem + ".folded.onnx")
     onnx.save(fold_weights(model), folded)
     try:

@@ -274,13 +274,14 @@ def _photos(folder, count: int):
     return folder
 
 
-def test_int8_selects_the_backward_convolutions_by_their_positive_weights():
+def test_int8_selects_the_rules_convolutions_by_their_positive_weights():
     """backward_convs: convs of transposed W+ (a Relu node, or relu(W) the exporter folded into a
     non-negative constant), spatially flipped or not; not the filling decoder's transposed convs,
-    which the rewrite also turns into convs of flipped, transposed weights."""
+    which the rewrite also turns into convs of flipped, transposed weights. normaliser_convs:
+    convs of W+ (either form) over x - min(x); not a conv of W+ over anything else, nor of W."""
     from onnx import TensorProto, helper, numpy_helper
 
-    from iam_export.int8 import backward_convs
+    from iam_export.int8 import backward_convs, normaliser_convs, segment_int8_convs
 
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(rng.standard_normal((4, 4, 3, 3)).astype(np.float32), "w"),
@@ -299,11 +300,21 @@ def test_int8_selects_the_backward_convolutions_by_their_positive_weights():
         helper.make_node("Slice", ["decode_w", *flip], ["decode_flipped"]),
         helper.make_node("Transpose", ["decode_flipped"], ["decode_conv_w"], perm=[1, 0, 2, 3]),
         helper.make_node("Conv", ["y2", "decode_conv_w"], ["y3"], name="decoder", pads=[1, 1, 1, 1]),
-        helper.make_node("Conv", ["y3", "w"], ["y"], name="forward", pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["y3", "w"], ["y4"], name="forward", pads=[1, 1, 1, 1]),
+        helper.make_node("ReduceMin", ["y4"], ["y4_min"], keepdims=1),
+        helper.make_node("Sub", ["y4", "y4_min"], ["y4_shifted"]),
+        helper.make_node("Conv", ["y4_shifted", "w_pos"], ["y5"], name="normaliser", pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["y5", "w_pos"], ["y6"], name="positive_not_shifted", pads=[1, 1, 1, 1]),
+        helper.make_node("ReduceMin", ["y6"], ["y6_min"], keepdims=1),
+        helper.make_node("Sub", ["y6", "y6_min"], ["y6_shifted"]),
+        helper.make_node("Conv", ["y6_shifted", "relu_folded"], ["y7"], name="normaliser_folded"),
+        helper.make_node("Conv", ["y7", "w"], ["y"], name="forward_over_shifted", pads=[1, 1, 1, 1]),
     ]
     vi = lambda n: helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 4, 8, 8])  # noqa: E731
     model = helper.make_model(helper.make_graph(nodes, "g", [vi("x")], [vi("y")], inits))
     assert backward_convs(model) == ["backward_3x3", "backward_1x1"]
+    assert normaliser_convs(model) == ["normaliser", "normaliser_folded"]
+    assert segment_int8_convs(model) == ["backward_3x3", "backward_1x1", "normaliser", "normaliser_folded"]
 
 
 def test_int8_percentile_ranges_follow_the_values_not_their_extremes(tmp_path):
@@ -343,9 +354,9 @@ def test_int8_percentile_ranges_follow_the_values_not_their_extremes(tmp_path):
 
 def test_int8_bundle_from_the_cli(tmp_path):
     """iam-export onnx --precision int8: Q/DQ on detect's convolutions and on peak backprop's
-    backward convolutions only; the iam ops kept; the agreement with fp32 measured and recorded;
+    backward convolutions and normalisers only; the iam ops kept; the agreement with fp32 measured and recorded;
     TensorRT's static checks pass; the runtime runs it, with the fused propagation."""
-    from iam_export.int8 import backward_convs
+    from iam_export.int8 import normaliser_convs, segment_int8_convs
     from iam_runtime.backends import OnnxRuntimeBackend
     from iam_runtime.segmenter import Segmenter
 
@@ -390,8 +401,9 @@ def test_int8_bundle_from_the_cli(tmp_path):
         convs = [n for n in onnx.load(fp32 / f"{key}.onnx").graph.node if n.op_type == "Conv"]
         if key == "detect":
             assert len(quantised) == len(convs)
-        else:  # the backward pass only: the forward's activations steer the rule
-            assert {n.name for n in quantised} == set(backward_convs(onnx.load(fp32 / "segment.onnx")))
+        else:  # the backward pass and the normalisers: the forward's activations steer the rule
+            segment = onnx.load(fp32 / "segment.onnx")
+            assert normaliser_convs(segment) and {n.name for n in quantised} == set(segment_int8_convs(segment))
 
     rgb = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(next(photos.iterdir())).convert("RGB"))
     seg8 = Segmenter(b, OnnxRuntimeBackend(b, ["CPUExecutionProvider"]))
