@@ -131,27 +131,28 @@ def quantize_detect(model_path: Path, out_path: Path, images: list[np.ndarray],
     _quantize(model_path, out_path, [{DETECT_INPUTS[0]: im} for im in images], None, settings)
 
 
+def _positive_part(name: str, producer: dict, inits: dict) -> bool:
+    """Whether the weight tensor ``name`` is relu(W), seen through the transposes and flips of a
+    backward convolution: a Relu node, or a non-negative constant the exporter folded."""
+    from onnx import numpy_helper
+
+    while name in producer and producer[name].op_type in ("Transpose", "Slice"):
+        name = producer[name].input[0]
+    if name in producer:
+        return producer[name].op_type == "Relu"
+    return name in inits and bool((numpy_helper.to_array(inits[name]) >= 0).all())
+
+
 def backward_convs(model: onnx.ModelProto) -> list[str]:
     """The segment graph's backward-pass convolutions: those whose weights the graph derives from
     the model's weights by a transpose of their positive part (W+, spatially flipped where the
     kernel is larger than 1x1), rather than takes as they are. The filling decoder's transposed
     convolutions, rewritten as convolutions of flipped weights too, are not W+ and stay fp32."""
-    from onnx import numpy_helper
-
     inits = {i.name: i for i in model.graph.initializer}
     producer = {o: n for n in model.graph.node for o in n.output}
-
-    def positive_part(name: str) -> bool:
-        while name in producer and producer[name].op_type in ("Transpose", "Slice"):
-            name = producer[name].input[0]
-        if name in producer:
-            return producer[name].op_type == "Relu"
-        # relu(W) that the exporter folded into a constant
-        return name in inits and bool((numpy_helper.to_array(inits[name]) >= 0).all())
-
     return [n.name for n in model.graph.node
             if n.op_type == "Conv" and n.input[1] not in inits and n.input[1] in producer
-            and producer[n.input[1]].op_type == "Transpose" and positive_part(n.input[1])]
+            and producer[n.input[1]].op_type == "Transpose" and _positive_part(n.input[1], producer, inits)]
 
 
 def normaliser_convs(model: onnx.ModelProto) -> list[str]:
@@ -159,15 +160,8 @@ def normaliser_convs(model: onnx.ModelProto) -> list[str]:
     segment graph's image stage): convolutions of relu(W) (a Relu node, or a non-negative
     constant the exporter folded) whose input is a Sub of a ReduceMin. Their inputs and weights
     are non-negative, and N only scales the relevance it divides."""
-    from onnx import numpy_helper
-
-    producer = {o: n for n in model.graph.node for o in n.output}
     inits = {i.name: i for i in model.graph.initializer}
-
-    def positive(name: str) -> bool:
-        if name in producer:
-            return producer[name].op_type == "Relu"
-        return name in inits and bool((numpy_helper.to_array(inits[name]) >= 0).all())
+    producer = {o: n for n in model.graph.node for o in n.output}
 
     def shifted(name: str) -> bool:
         sub = producer.get(name)
@@ -175,7 +169,7 @@ def normaliser_convs(model: onnx.ModelProto) -> list[str]:
                 and producer[sub.input[1]].op_type == "ReduceMin")
 
     return [n.name for n in model.graph.node
-            if n.op_type == "Conv" and positive(n.input[1]) and shifted(n.input[0])]
+            if n.op_type == "Conv" and _positive_part(n.input[1], producer, inits) and shifted(n.input[0])]
 
 
 def segment_int8_convs(model: onnx.ModelProto) -> list[str]:
