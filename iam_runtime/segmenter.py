@@ -127,6 +127,11 @@ class ImagePeaks:
     def __len__(self) -> int:
         return len(self.coords)
 
+    def __getstate__(self) -> dict:
+        # the kept forward pass belongs to this process's engine (sessions do not pickle): peaks
+        # sent elsewhere (Ray's stages, a worker pool) arrive without it and segment on their own
+        return {**self.__dict__, "forward": None, "forward_engine": None}
+
 
 class Segmenter:
     """A bundle and an engine, with the run's semantics resolved once (see the module docstring)."""
@@ -215,7 +220,7 @@ class Segmenter:
         are segmented on this engine's own forward pass, and keep their state for their own."""
         state = None
         if peaks.forward_engine is self.backend:
-            state, peaks.forward = peaks.forward, None
+            state, peaks.forward, peaks.forward_engine = peaks.forward, None, None
         if not len(peaks):
             return np.zeros((0, *self.manifest.input.size), np.float32)
         parts = [self.backend.segment(tensor[None], np.ascontiguousarray(peaks.coords[s : s + self.peak_chunk]), state)["iam"]

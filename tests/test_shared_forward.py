@@ -4,6 +4,7 @@ enter, the detect graph's peak finding run on its class response maps (iam_runti
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 
 import numpy as np
@@ -72,10 +73,14 @@ def test_segmenter_consumes_the_state_and_matches_whole_graphs(trained_bundle, p
     # forward pass (the state's tensors belong to the first's graphs), the first's state kept for it
     other = Segmenter(bundle, OnnxRuntimeBackend(bundle, CPU, share_forward=True))
     t, p = next((t, p) for t, p in zip(tensors, shared.detect(tensors)) if len(p))
+    sent = pickle.loads(pickle.dumps(p))  # as Ray's stages pass peaks on: without the process's state
+    assert p.forward is not None and sent.forward is None and sent.forward_engine is None
+    np.testing.assert_array_equal(sent.coords, p.coords)
     theirs = other.segment(t, p)
     assert p.forward is not None  # left for the segmenter that made it
     np.testing.assert_allclose(theirs, shared.segment(t, p), atol=1e-5)
     assert p.forward is None
+    np.testing.assert_allclose(shared.segment(t, sent), theirs, atol=1e-5)
     # detect goes image by image where the forward is shared; predict_batch gives the same instances
     assert shared.detect_batch(8) == 1 and whole.detect_batch(8) == 8
     options = PredictOptions(refine="threshold")
