@@ -32,9 +32,10 @@ from .pipeline import (
     prepare_run,
     write_predictions,
 )
-from .segmenter import Segmenter
+from .segmenter import CapReport, Segmenter
 
 RAY_EXTRA = "pip install -e '.[ray]' (ray[data])"
+CAP_COLUMNS = ("detect_full", "beyond_max_instances")  # each row's CapReport.flags, as 0/1
 
 
 @dataclass
@@ -115,7 +116,8 @@ class EngineStage:
                     continue
                 payload.update(peaks=peaks, maps=maps, detect_s=detect_s, segment_s=time.perf_counter() - t0,
                                entered=time.time())
-                rows[i] = {**rows[i], "payload": pickle.dumps(payload)}
+                rows[i] = {**rows[i], "payload": pickle.dumps(payload),
+                           **dict(zip(CAP_COLUMNS, map(int, CapReport.flags(peaks))))}
         return _batch(rows)
 
 
@@ -153,7 +155,7 @@ class WriteStage:
         out = []
         for row in _rows(batch):
             result = {"file_name": row["file_name"], "error": row["error"], "stage": row["stage"], "instances": 0,
-                      "seconds": b""}
+                      "seconds": b"", **{k: row[k] for k in CAP_COLUMNS}}
             if not row["error"]:
                 payload = pickle.loads(row["payload"])
                 t0 = time.perf_counter()
@@ -205,9 +207,10 @@ def run_ray(bundle_dir: str | Path, source: str | Path, out_dir: str | Path, opt
     # A crashed actor is restarted and its batch retried: Ray Data's defaults for actor pools.
     summary.backend = f"ray ({engines} engine actor(s){', one GPU each' if gpus else ''}, {crf_actors} CRF actor(s))"
     summary.refine_workers = crf_actors
+    capped = CapReport()
     if todo:
         rows = [{"path": str(it.path), "image_id": it.image_id, "file_name": it.file_name, "stem": it.stem,
-                 "payload": b"", "error": "", "stage": ""} for it in todo]
+                 "payload": b"", "error": "", "stage": "", **dict.fromkeys(CAP_COLUMNS, 0)} for it in todo]
         absolute = str(Path(bundle_dir).resolve())
         ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows) // max(1, options.batch_size)))
         ds = ds.map_batches(decode_stage, batch_size=options.batch_size, num_cpus=0.1)
@@ -220,6 +223,7 @@ def run_ray(bundle_dir: str | Path, source: str | Path, out_dir: str | Path, opt
                             compute=ActorPoolStrategy(size=1), num_cpus=0.1)
         latencies = []
         for row in ds.iter_rows():
+            capped.record(row["file_name"], *(bool(row[k]) for k in CAP_COLUMNS))
             if row["error"]:
                 summary.failed += 1
                 summary.errors.append({"file": row["file_name"], "stage": row["stage"], "reason": row["error"]})
@@ -235,6 +239,13 @@ def run_ray(bundle_dir: str | Path, source: str | Path, out_dir: str | Path, opt
             summary.latency_s = percentiles(latencies)
     summary.seconds = time.perf_counter() - started
     summary.images_per_second = summary.completed / summary.seconds if summary.seconds else 0.0
+    summary.capped = capped.counts()
+    limits = Segmenter(bundle, None, options)
+    capped.warn(bundle.manifest.peaks.max_peaks, limits.max_instances, limits.user_max_instances)
+    if summary.seconds:  # as the local run's, over the actors' number
+        engine = summary.stage_seconds["detect"] + summary.stage_seconds["segment"]
+        summary.busy = {"engine": engine / (summary.seconds * engines),
+                        "refine": summary.stage_seconds["refine"] / (summary.seconds * crf_actors)}
     summary.errors.sort(key=lambda e: e["file"])
     write_predictions(out_dir, items, summary, save)
     return summary

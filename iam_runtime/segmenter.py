@@ -278,9 +278,17 @@ class CapReport:
     max_instances: list[str] = dataclasses.field(default_factory=list)
 
     def add(self, name: str, peaks: ImagePeaks) -> None:
-        if peaks.detect_full:
+        self.record(name, *self.flags(peaks))
+
+    @staticmethod
+    def flags(peaks: ImagePeaks) -> tuple[bool, bool]:
+        """(the detect graph's K outputs were all valid peaks, --max-instances left valid peaks out)."""
+        return bool(peaks.detect_full), len(peaks) < peaks.valid
+
+    def record(self, name: str, detect_full: bool, beyond_max_instances: bool) -> None:
+        if detect_full:
             self.detect_outputs_full.append(name)
-        if len(peaks) < peaks.valid:
+        if beyond_max_instances:
             self.max_instances.append(name)
 
     def counts(self) -> dict[str, int]:

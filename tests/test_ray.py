@@ -1,5 +1,6 @@
-"""iam-infer --ray on a local Ray (2 CPUs): the local pipeline's outputs, byte for byte; bad
-images named; --resume after an interrupted run finishes the rest. Ray starts once, here."""
+"""iam-infer --ray on a local Ray (2 CPUs): the local pipeline's outputs, byte for byte, and its
+summary's counts of capped images; bad images named; --resume after an interrupted run finishes
+the rest. Ray starts once, here."""
 
 from __future__ import annotations
 
@@ -49,6 +50,10 @@ def test_ray_gives_the_local_outputs_and_names_bad_images(local_ray, trained_bun
     summary = json.loads((tmp_path / "ray" / "summary.json").read_text())
     assert (summary["completed"], summary["failed"]) == (5, 1)
     assert summary["errors"][0]["file"] == "broken.jpg" and summary["errors"][0]["stage"] == "decode"
+    local_summary = json.loads((tmp_path / "local" / "summary.json").read_text())
+    # what the caps cut, counted as the local run counts it (this bundle's K outputs fill up on one image)
+    assert summary["capped"] == local_summary["capped"] and sum(summary["capped"].values()) >= 1
+    assert set(summary["busy"]) == {"engine", "refine"} and all(0 < v <= 1 for v in summary["busy"].values())
     for sub in ("instances", "classes", "records"):
         assert sorted(p.name for p in (tmp_path / "ray" / sub).iterdir()) == \
             sorted(p.name for p in (tmp_path / "local" / sub).iterdir())
