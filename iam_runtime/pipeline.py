@@ -85,6 +85,14 @@ class RunSummary:
     backend: str = ""
     bundle: str = ""
 
+    def measure_busy(self, engines: int, refine_workers: int) -> None:
+        """``busy`` from the stage seconds and the wall time: each side's seconds over the wall time
+        times the engines (refinement workers) that shared them."""
+        if self.seconds:
+            engine = self.stage_seconds["detect"] + self.stage_seconds["segment"]
+            self.busy = {"engine": engine / (self.seconds * engines),
+                         "refine": self.stage_seconds["refine"] / (self.seconds * refine_workers)}
+
 
 def percentiles(samples: list[float]) -> dict[str, float]:
     """Median, p90 and p99 of a non-empty list (p90/p99: the nearest-rank sample)."""
@@ -349,14 +357,11 @@ def run(bundle: Bundle, backend, source: str | Path, out_dir: str | Path, option
             pool.shutdown(wait=True, cancel_futures=True)
     summary.seconds = time.perf_counter() - started
     summary.capped = capped.counts()
-    capped.warn(segmenter.manifest.peaks.max_peaks, segmenter.max_instances, segmenter.user_max_instances)
+    capped.warn(segmenter)
     if latencies:
         summary.latency_s = percentiles(latencies)
     summary.images_per_second = (summary.completed / summary.seconds) if summary.seconds else 0.0
-    if summary.seconds:
-        engine = summary.stage_seconds["detect"] + summary.stage_seconds["segment"]
-        summary.busy = {"engine": engine / summary.seconds,
-                        "refine": summary.stage_seconds["refine"] / (summary.seconds * (workers if pool else 1))}
+    summary.measure_busy(engines=1, refine_workers=workers if pool else 1)
     write_predictions(out_dir, items, summary, save)
     return summary
 

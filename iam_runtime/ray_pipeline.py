@@ -240,12 +240,8 @@ def run_ray(bundle_dir: str | Path, source: str | Path, out_dir: str | Path, opt
     summary.seconds = time.perf_counter() - started
     summary.images_per_second = summary.completed / summary.seconds if summary.seconds else 0.0
     summary.capped = capped.counts()
-    limits = Segmenter(bundle, None, options)
-    capped.warn(bundle.manifest.peaks.max_peaks, limits.max_instances, limits.user_max_instances)
-    if summary.seconds:  # as the local run's, over the actors' number
-        engine = summary.stage_seconds["detect"] + summary.stage_seconds["segment"]
-        summary.busy = {"engine": engine / (summary.seconds * engines),
-                        "refine": summary.stage_seconds["refine"] / (summary.seconds * crf_actors)}
+    capped.warn(Segmenter(bundle, None, options))
+    summary.measure_busy(engines=engines, refine_workers=crf_actors)
     summary.errors.sort(key=lambda e: e["file"])
     write_predictions(out_dir, items, summary, save)
     return summary

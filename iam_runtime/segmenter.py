@@ -266,7 +266,7 @@ class Segmenter:
             for i, (rgb, tensor, peaks) in enumerate(zip(chunk, tensors, self.detect(tensors)), start):
                 capped.add(f"image {i}", peaks)
                 out.append(self.instances(peaks, self.refine(rgb, self.segment(tensor, peaks))))
-        capped.warn(self.manifest.peaks.max_peaks, self.max_instances, self.user_max_instances)
+        capped.warn(self)
         return out
 
 
@@ -294,12 +294,14 @@ class CapReport:
     def counts(self) -> dict[str, int]:
         return {"detect_outputs_full": len(self.detect_outputs_full), "max_instances": len(self.max_instances)}
 
-    def warn(self, detect_k: int, max_instances: int, user_limit: bool) -> None:
-        """Log what the caps cut; a --max-instances the user set is no surprise, and not said."""
+    def warn(self, segmenter: Segmenter) -> None:
+        """Log what the caps cut, as ``segmenter`` set them; a --max-instances the user set is no
+        surprise, and not said."""
+        detect_k, max_instances = segmenter.manifest.peaks.max_peaks, segmenter.max_instances
         if self.detect_outputs_full:
             log.warning("%d images (%s) had more valid peaks than the detect graph's %d outputs: the rest were not "
                         "used (export with a larger --max-peaks)", len(self.detect_outputs_full),
                         ", ".join(self.detect_outputs_full[:3]), detect_k)
-        if self.max_instances and not user_limit:
+        if self.max_instances and not segmenter.user_max_instances:
             log.warning("%d images (%s) had more valid peaks than --max-instances %d", len(self.max_instances),
                         ", ".join(self.max_instances[:3]), max_instances)
