@@ -45,8 +45,8 @@ def main() -> None:
 @click.option("--calib-percentile", "int8_percentile", default=Int8Settings.percentile, show_default=True, type=float,
               help="With --calib-method percentile.")
 @click.option("--calib-count", default=16, show_default=True, type=click.IntRange(min=2),
-              help="With --precision int8: images read from --calib-images (three quarters calibrate, the rest "
-                   "measure the agreement with fp32).")
+              help="With --precision int8: distinct images read from --calib-images (three quarters calibrate, "
+                   "the rest measure the agreement with fp32; copies are skipped).")
 @click.option("--verify/--no-verify", default=True, show_default=True, help="Check onnxruntime against PyTorch.")
 @click.option("--from-reference", is_flag=True,
               help="The checkpoints are the reference implementation's: the bundle computes its inference.")

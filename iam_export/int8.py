@@ -244,8 +244,8 @@ def agreement(fp32, int8, samples: list[CalibrationSample], max_peaks: int, int8
 def quantize_bundle(root: Path, calib_images: Path, count: int, settings: Int8Settings = Int8Settings(), log=print):
     """Turn the fp32 bundle at ``root`` (complete, manifest included) into an int8 one, in place:
     the calibration images' peaks come from the fp32 bundle as the runtime selects them; the first
-    three quarters of the images calibrate, the rest measure the agreement (all of them when
-    fewer than 4). Returns the new manifest; the agreement is its ``verification["int8"]``."""
+    three quarters of the folder's distinct images calibrate, the rest measure the agreement (all
+    of them when fewer than 4; copies are skipped, see :func:`~iam_runtime.images.calibration_batches`). Returns the new manifest; the agreement is its ``verification["int8"]``."""
     import copy
 
     from iam_runtime.backends import OnnxRuntimeBackend
@@ -260,7 +260,7 @@ def quantize_bundle(root: Path, calib_images: Path, count: int, settings: Int8Se
 
     fp32_bundle = load_bundle(root)
     fp32 = segmenter(fp32_bundle)
-    images = calibration_batches(calib_images, fp32_bundle.manifest, limit=count)
+    images = calibration_batches(calib_images, fp32_bundle.manifest, limit=count, log=lambda m: log(f"int8: {m}"))
     samples = [CalibrationSample(im, fp32.detect(im)[0].coords) for im in images]
     split = len(samples) * 3 // 4 if len(samples) >= 4 else len(samples)
     calibration, held_out = samples[:split], samples[split:] or samples

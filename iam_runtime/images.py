@@ -90,17 +90,31 @@ def list_images(root: str | Path) -> list[Path]:
                   and (p.is_file() or (p.is_symlink() and not p.exists())))
 
 
-def calibration_batches(folder: str | Path, manifest, limit: int = 64) -> list[np.ndarray]:
-    """Preprocessed (1, 3, H, W) arrays of up to ``limit`` readable images of a folder."""
-    out = []
+def calibration_batches(folder: str | Path, manifest, limit: int = 64, log=None) -> list[np.ndarray]:
+    """Preprocessed (1, 3, H, W) arrays of up to ``limit`` readable, distinct images of a folder.
+    An image whose preprocessed pixels equal an earlier one's is skipped (and named to ``log``):
+    a copy adds nothing to a calibration, and one that lands among the images held out to measure
+    it would measure it on an image it was calibrated on."""
+    import hashlib
+
+    out, seen, copies = [], set(), []
     for path in list_images(folder):
         try:
             rgb = decode_image(path)
         except ImageError:
             continue
-        out.append(preprocess(rgb, manifest.input.size, manifest.input.mean, manifest.input.std)[None])
+        array = preprocess(rgb, manifest.input.size, manifest.input.mean, manifest.input.std)[None]
+        digest = hashlib.blake2b(array.tobytes(), digest_size=16).digest()
+        if digest in seen:
+            copies.append(Path(path).name)
+            continue
+        seen.add(digest)
+        out.append(array)
         if len(out) >= limit:
             break
+    if copies and log is not None:
+        shown = ", ".join(copies[:5]) + (f" and {len(copies) - 5} more" if len(copies) > 5 else "")
+        log(f"skipped {len(copies)} image(s) of {folder} with the same pixels as an earlier one: {shown}")
     if not out:
         raise ValueError(f"no readable images in {folder} for calibration")
     return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import onnx
@@ -362,11 +363,14 @@ def test_int8_bundle_from_the_cli(tmp_path):
 
     prm, fill = write_checkpoints(tmp_path)
     photos = _photos(tmp_path / "calib", 5)
+    # a copy of a calibration photo, sorted last: kept, it would be "held out" while calibrating
+    shutil.copy(photos / "0_astronaut.jpg", photos / "5_astronaut_again.jpg")
     out = tmp_path / "int8"
     result = CliRunner().invoke(export_cli, ["onnx", "--prm", str(prm), "--filling", str(fill), "--out", str(out),
                                              "--max-peaks", "8", "--precision", "int8", "--calib-images", str(photos)])
     assert result.exit_code == 0, result.output
     assert "int8 against fp32 on 2 images" in result.output and "precision int8" in result.output
+    assert "skipped 1 image(s)" in result.output and "5_astronaut_again.jpg" in result.output
     b = load_bundle(out)
     assert {k: (g.file, g.precision) for k, g in b.manifest.graphs.items() if k != "crf"} == {
         "detect": ("detect.int8.onnx", "int8"), "segment": ("segment.int8.onnx", "int8")}
