@@ -16,6 +16,7 @@ def test_latency_benchmark_smoke(tmp_path):
         "--reference-images", "2", "--steps", "2", "--hidden", "8", "--upsample", "4", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "latency.json").read_text())
+    assert report["config"]["distinct_images"] == 3 and "note:" not in result.output
     paths = report["paths"]
     for name in ("reference", "torch", "onnxruntime-cpu-b1", "onnxruntime-cpu-b2"):
         r = paths[name]
@@ -54,13 +55,15 @@ def test_photos_come_from_an_option_or_the_environment(tmp_path, monkeypatch):
     import pytest
     from PIL import Image
 
-    from benchmarks.latency.photos import PHOTOS_ENV, demo_photos
+    from benchmarks.latency.photos import PHOTOS_ENV, demo_photos, distinct_photos
 
     extra = tmp_path / "mine"
     extra.mkdir()
     Image.fromarray(np.full((40, 60, 3), 200, np.uint8)).save(extra / "flat.png")
     paths = demo_photos(tmp_path / "a", 6, 64, extra)  # five of scikit-image's, then ours
     assert len(paths) == 6 and Image.open(paths[5]).size == (60, 40)
+    assert distinct_photos(paths) == 6
+    assert distinct_photos(demo_photos(tmp_path / "d", 8, 64, extra)) == 6  # cycled past the six
     monkeypatch.setenv(PHOTOS_ENV, str(extra))
     assert Image.open(demo_photos(tmp_path / "b", 6, 64)[5]).size == (60, 40)
     monkeypatch.setenv(PHOTOS_ENV, str(tmp_path / "missing"))

@@ -40,7 +40,7 @@ from .paths import (
     reference_crf,
     reference_filling,
 )
-from .photos import PHOTOS_ENV, demo_photos
+from .photos import PHOTOS_ENV, demo_photos, distinct_photos
 from .report import chart, markdown_table
 
 
@@ -79,8 +79,13 @@ def main(backbone, image_size, num_peaks, batch_sizes, num_images, reference_ima
     # together (batch statistics), the CRF runs in the network's input frame.
     filling = InstanceExtentFilling(model.feature_channels, hidden=hidden, steps=steps, normalization="batch").eval()
     photos = demo_photos(out / "images", num_images, image_size, photos)
+    distinct = distinct_photos(photos)
+    if distinct < len(photos):
+        click.echo(f"note: the {len(photos)} images are {distinct} distinct photos, cycled: the agreement figures "
+                   f"count the copies again (add photos with --photos DIR or ${PHOTOS_ENV})", err=True)
     results: dict = {"config": dict(backbone=backbone, image_size=image_size, peaks=num_peaks, steps=steps,
-                                    images=num_images, batch_sizes=batch_sizes), "machine": machine_info(), "paths": {}}
+                                    images=num_images, distinct_images=distinct, batch_sizes=batch_sizes),
+                     "machine": machine_info(), "paths": {}}
 
     results["map_calibration"] = calibrate_maps(model, filling, photos[0], image_size, upsample, num_peaks)
     # The same weights for every path: checkpoints -> bundle.

@@ -33,3 +33,11 @@ def demo_photos(folder: Path, count: int, size_hint: int, extra: Path | None = N
         img.save(p, quality=92)
         paths.append(p)
     return paths
+
+
+def distinct_photos(paths: list[Path]) -> int:
+    """How many of ``paths`` differ in content: ``demo_photos`` cycles its sources, so past their
+    number the benchmark's images repeat (fine for timing; agreement figures count the copies again)."""
+    import hashlib
+
+    return len({hashlib.blake2b(Path(p).read_bytes(), digest_size=16).digest() for p in paths})
