@@ -69,6 +69,9 @@ class PredictOptions:
     # refine.CRFSchedule); 0: every iteration in the frame itself.
     crf_max_side: int = 0
     crf_full_iterations: int = 1
+    # pydensecrf: one mean-field per instance, the reference's arithmetic bit for bit (default:
+    # an image's instances together, q within about 1e-4 of it; refine.ImageCRF)
+    crf_per_instance: bool = False
     max_instances: int | None = None  # per image (default: every valid peak the detect graph returns)
     class_threshold: float | None = None  # a class is present when its score (a logit) is >= this
     peak_threshold: float | None = None  # and a peak is used when its value is > this
@@ -151,7 +154,7 @@ class Segmenter:
         # the CRF follows the engine: an engine kept off the GPU (--providers) keeps it off too
         engine_providers = getattr(backend, "providers", None)
         crf_backend = resolve_crf_backend(o.crf_backend, engine_providers)
-        schedule = CRFSchedule(o.crf_max_side, o.crf_full_iterations, o.crf_photo_max_side)
+        schedule = CRFSchedule(o.crf_max_side, o.crf_full_iterations, o.crf_photo_max_side, o.crf_per_instance)
         if o.refine == "crf":
             check_crf_schedule(crf_backend, schedule)
         self.refine_settings = RefineSettings(

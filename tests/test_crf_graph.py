@@ -148,3 +148,5 @@ def test_crf_backend_choices_are_checked():
                                                    np.zeros((1, 8, 8), np.float32), np.ones(5, np.float32) * 0.01)
     with pytest.raises(ValueError, match="coarse-to-fine schedule"):
         crf_margins(rgb, np.zeros((1, 8, 8), np.float32), CRF, "graph", CRFSchedule(max_side=4))
+    with pytest.raises(ValueError, match="one mean-field per instance .* is pydensecrf's"):
+        crf_margins(rgb, np.zeros((1, 8, 8), np.float32), CRF, "graph", CRFSchedule(per_instance=True))

@@ -1,6 +1,7 @@
 """Dense CRF refinement (real pydensecrf, a real photo): one CRF per image (its pairwise
-lattices built once) gives each instance the mask of a CRF built for it alone, bit for bit; the
-CRF frame (the reference's: the network's input size) and the reference's unary."""
+lattices built once) gives each instance the mask of a CRF built for it alone, bit for bit with
+the per-instance mean-field and within rounding with an image's instances together; the CRF
+frame (the reference's: the network's input size) and the reference's unary."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ from iam_runtime.bundle import CRFSpec
 from iam_runtime.images import resize_rgb
 from iam_runtime.masks import mask_iou
 from iam_runtime.refine import (
+    JOINT_INSTANCES,
     CRFSchedule,
     crf_frame,
+    crf_margins,
     dense_crf,
     reference_unary,
     refine_instances,
@@ -37,7 +40,8 @@ def photo_and_maps():
 def test_one_crf_per_image_equals_one_per_instance(photo_and_maps, max_side):
     rgb, maps = photo_and_maps
     crf = CRFSpec(frame="image")
-    together = refine_instances(rgb, maps, "crf", crf, schedule=CRFSchedule(max_side))
+    schedule = CRFSchedule(max_side, per_instance=True)
+    together = refine_instances(rgb, maps, "crf", crf, schedule=schedule)
     alone = np.stack([dense_crf(rgb, resize_map(m, rgb.shape[:2]), crf, CRFSchedule(max_side)) for m in maps])
     assert together.shape == (4, 150, 200) and together.dtype == bool
     np.testing.assert_array_equal(together, alone)
@@ -45,6 +49,32 @@ def test_one_crf_per_image_equals_one_per_instance(photo_and_maps, max_side):
     fractions = together.mean(axis=(1, 2))
     assert ((fractions > 0.005) & (fractions < 0.6)).all(), fractions
     assert len({m.tobytes() for m in together}) == 4
+
+
+@pytest.mark.parametrize("max_side", [0, 120])
+def test_instances_filtered_together_agree_with_pydensecrfs_own_mean_field(photo_and_maps, max_side):
+    """The default: an image's instances through its lattices at once (one channel each, q(bg) =
+    1 - q(fg)), more of them than one pass takes. The refined probabilities agree with pydensecrf's
+    per-instance mean-field within rounding, so the masks do wherever the margin is not a tie."""
+    rgb, maps = photo_and_maps
+    crf = CRFSpec(frame="image")
+    # more instances than one pass holds: the four blobs, each also shifted and flattened
+    probs = np.stack([resize_map(m, rgb.shape[:2]) for m in maps])
+    probs = np.concatenate([np.roll(probs, 9 * i, axis=2) * (1 - 0.04 * i) + 0.02 * i for i in range(5)])
+    assert len(probs) > JOINT_INSTANCES
+    joint = crf_margins(rgb, probs, crf, "pydensecrf", CRFSchedule(max_side))
+    alone = crf_margins(rgb, probs, crf, "pydensecrf", CRFSchedule(max_side, per_instance=True))
+    assert joint.shape == alone.shape == probs.shape and joint.dtype == np.float32
+    np.testing.assert_allclose(joint, alone, atol=1e-3)
+    decided = np.abs(alone) > 1e-3
+    np.testing.assert_array_equal((joint > 0)[decided], (alone > 0)[decided])
+    assert decided.mean() > 0.999
+    # each instance its own: a changed map changes only its own margins
+    other = probs.copy()
+    other[3] = 1 - other[3]
+    changed = crf_margins(rgb, other, crf, "pydensecrf", CRFSchedule(max_side))
+    np.testing.assert_array_equal(np.delete(changed, 3, axis=0), np.delete(joint, 3, axis=0))
+    assert np.abs(changed[3] - joint[3]).max() > 0.5
 
 
 def test_threshold_refinement_needs_no_crf(photo_and_maps):
@@ -87,7 +117,8 @@ def test_crf_in_the_input_frame_is_the_reference_crf_brought_to_the_photo(photo_
     np.testing.assert_array_equal(frame, resize_rgb(rgb, (112, 112)))
     in_frame = np.stack([dense_crf(frame, m, crf) for m in maps])  # the reference's computation
     # a photo of the frame's size: exactly the reference's masks
-    np.testing.assert_array_equal(refine_instances(frame, maps, "crf", crf), in_frame)
+    np.testing.assert_array_equal(refine_instances(frame, maps, "crf", crf, schedule=CRFSchedule(per_instance=True)),
+                                  in_frame)
     # any other photo size: the frame's masks scaled, and the frame does not grow with the photo
     masks = refine_instances(rgb, maps, "crf", crf)
     assert masks.shape == (4, 150, 200)
