@@ -190,7 +190,8 @@ def test_index_page_is_paged(tmp_path):
 
 
 def test_crf_graph_backend_in_the_pipeline(trained_bundle, val_images, tmp_path):
-    """iam-infer --crf-backend graph (issue 16): the same instances as pydensecrf, masks close."""
+    """iam-infer --crf-backend graph (issue 16): the same instances as pydensecrf, masks close; and
+    --crf-per-instance (pydensecrf's own mean-field): the default's instances and masks, within ties."""
     runs = {}
     for backend in ("graph", "pydensecrf"):
         code, output = infer(str(val_images), "-o", str(tmp_path / backend), "--bundle", str(trained_bundle),
@@ -208,6 +209,18 @@ def test_crf_graph_backend_in_the_pipeline(trained_bundle, val_images, tmp_path)
     code, output = infer(str(val_images), "-o", str(tmp_path / "x"), "--bundle", str(trained_bundle),
                          "--crf-backend", "graph", "--crf-max-side", "64", "--no-progress")
     assert code != 0 and "coarse-to-fine schedule" in output
+    # pydensecrf's own mean-field per instance: the default's instances, masks within its ties
+    code, output = infer(str(val_images), "-o", str(tmp_path / "alone"), "--bundle", str(trained_bundle),
+                         "--crf-backend", "pydensecrf", "--crf-per-instance", "--no-progress")
+    assert code == 0, output
+    alone = sorted(json.loads((tmp_path / "alone" / "predictions.json").read_text()),
+                   key=lambda p: (p["image_id"], p["peak"], p["category_id"]))
+    assert [(p["image_id"], p["peak"]) for p in alone] == [(p["image_id"], p["peak"]) for p in runs["pydensecrf"]]
+    ious = [mask_iou(_decode(a["segmentation"]), _decode(d["segmentation"])) for a, d in zip(alone, runs["pydensecrf"])]
+    assert min(ious) > 0.99, ious
+    code, output = infer(str(val_images), "-o", str(tmp_path / "y"), "--bundle", str(trained_bundle),
+                         "--crf-backend", "graph", "--crf-per-instance", "--no-progress")
+    assert code == 2 and "--crf-per-instance" in output and "Traceback" not in output, output
 
 
 def test_no_peaks_gives_an_empty_valid_result(trained_bundle, val_images, tmp_path):
