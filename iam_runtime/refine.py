@@ -50,10 +50,12 @@ def resolve_crf_backend(backend: str, providers: Sequence[str] | None = None) ->
 def check_crf_schedule(backend: str, schedule: CRFSchedule | None) -> None:
     """The coarse-to-fine schedule (``max_side``) and the per-instance mean-field are pydensecrf's;
     the graph runs in the frame, every instance of an image together."""
-    if backend == "graph" and schedule is not None and schedule.max_side:
+    if backend != "graph" or schedule is None:
+        return
+    if schedule.max_side:
         raise ValueError("the CRF graph runs in the frame itself: the coarse-to-fine schedule (--crf-max-side) is "
                          "pydensecrf's; leave it at 0 or use --crf-backend pydensecrf")
-    if backend == "graph" and schedule is not None and schedule.per_instance:
+    if schedule.per_instance:
         raise ValueError("the CRF graph refines an image's instances together: one mean-field per instance "
                          "(--crf-per-instance) is pydensecrf's; use --crf-backend pydensecrf")
 
@@ -161,10 +163,11 @@ class ImageCRF:
         """probs: (K, H, W) foreground probabilities at this CRF's resolution -> (K, H, W) float32
         q(foreground) - q(background) of the refined marginals: the mask is margin > 0 (the
         reference's argmax, ties to background)."""
-        if self.per_instance:
-            return np.stack([self._instance_margin(p) for p in probs]) if len(probs) \
-                else np.zeros(probs.shape, np.float32)
         out = np.empty(probs.shape, np.float32)
+        if self.per_instance:
+            for i, prob in enumerate(probs):
+                out[i] = self._instance_margin(prob)
+            return out
         for start in range(0, len(probs), JOINT_INSTANCES):
             chunk = probs[start:start + JOINT_INSTANCES]
             out[start:start + len(chunk)] = 2 * self._joint_foreground(chunk) - 1
@@ -184,12 +187,12 @@ class ImageCRF:
         q = None
         if self.coarse is not None:
             small = np.stack([resize_map(p, self.small) for p in probs])
-            q = _joint_mean_field(self.coarse, _log_odds(small), self.iterations - self.fine_iterations)
-            q = np.stack([resize_map(m, self.full) for m in q.T.reshape(k, *self.small)]).reshape(k, -1).T
+            coarse = _joint_mean_field(self.coarse, _log_odds(small), self.iterations - self.fine_iterations)
+            q = np.stack([resize_map(m, self.full) for m in coarse.T.reshape(k, *self.small)])
             if self.fine is None:
-                return q.T.reshape(k, *self.full)
-        q = _joint_mean_field(self.fine, _log_odds(probs), self.fine_iterations, q)
-        return q.T.reshape(k, *self.full)
+                return q
+            q = q.reshape(k, -1).T
+        return _joint_mean_field(self.fine, _log_odds(probs), self.fine_iterations, q).T.reshape(k, *self.full)
 
     def _instance_margin(self, prob: np.ndarray) -> np.ndarray:
         """pydensecrf's own 2-label mean-field for one instance: (H, W) -> (H, W) margin."""
@@ -271,11 +274,17 @@ def crf_masks(rgb: np.ndarray, probs: np.ndarray, crf: CRFSpec | None = None, ba
     return crf_margins(rgb, np.asarray(probs, np.float32), crf or CRFSpec(), backend) > 0
 
 
+def dense_crf_margin(rgb: np.ndarray, prob: np.ndarray, crf: CRFSpec,
+                     schedule: CRFSchedule | None = None) -> np.ndarray:
+    """rgb: (H, W, 3) uint8; prob: (H, W) foreground probability -> (H, W) float32 q(fg) - q(bg):
+    one instance's CRF at the image's resolution, built for it alone and computed by pydensecrf's
+    own mean-field, as the reference does; see :class:`ImageCRF`."""
+    return ImageCRF(rgb, crf, dataclasses.replace(schedule or CRFSchedule(), per_instance=True)).margin(prob)
+
+
 def dense_crf(rgb: np.ndarray, prob: np.ndarray, crf: CRFSpec, schedule: CRFSchedule | None = None) -> np.ndarray:
-    """rgb: (H, W, 3) uint8; prob: (H, W) foreground probability -> (H, W) bool mask: one
-    instance's CRF at the image's resolution, built for it alone and computed by pydensecrf's own
-    mean-field, as the reference does; see :class:`ImageCRF`."""
-    return ImageCRF(rgb, crf, dataclasses.replace(schedule or CRFSchedule(), per_instance=True)).mask(prob)
+    """The mask of :func:`dense_crf_margin`: (H, W) bool."""
+    return dense_crf_margin(rgb, prob, crf, schedule) > 0
 
 
 def crf_frame(rgb: np.ndarray, maps_size: tuple[int, int], crf: CRFSpec,

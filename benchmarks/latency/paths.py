@@ -3,7 +3,6 @@ in processes of their own; FLOP counts and hardware rates."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import resource
 import statistics
@@ -33,10 +32,9 @@ def reference_crf(rgb: np.ndarray, frame: np.ndarray, prob: np.ndarray, crf, sch
     ``frame``, the photo resized to the network's input size (PIL bilinear), with the
     activation map at that size; the mask brought to the photo's size from the refined
     probabilities (bilinear, then q(fg) > q(bg)); pydensecrf's own 2-label mean-field."""
-    from iam_runtime.refine import CRFSchedule, ImageCRF, resize_map
+    from iam_runtime.refine import dense_crf_margin, resize_map
 
-    schedule = dataclasses.replace(schedule or CRFSchedule(), per_instance=True)
-    return resize_map(ImageCRF(frame, crf, schedule).margin(prob), rgb.shape[:2]) > 0
+    return resize_map(dense_crf_margin(frame, prob, crf, schedule), rgb.shape[:2]) > 0
 
 
 def reference_filling(filling: InstanceExtentFilling, prm: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
@@ -175,6 +173,7 @@ def _tensorrt_engines(out: Path, bundle_dir: Path, ckpt: Path, export_options, r
     bundle: TensorRT 11 is strongly typed) and int8 (an int8 bundle with symmetric activations,
     ``--int8-activations s8``, calibrated on ``calib``). Where TensorRT or a GPU is missing, or a
     build fails, the path is recorded as skipped or failed with the reason."""
+    import dataclasses
     import shutil
 
     from iam_export.export_onnx import export_bundle
