@@ -192,10 +192,14 @@ def test_index_page_is_paged(tmp_path):
 def test_crf_graph_backend_in_the_pipeline(trained_bundle, val_images, tmp_path):
     """iam-infer --crf-backend graph (issue 16): the same instances as pydensecrf, masks close; and
     --crf-per-instance (pydensecrf's own mean-field): the default's instances and masks, within ties."""
+    # Every instance kept: with the bundle's NMS a mask within the backends' agreement can still fall
+    # either side of its IoU threshold or turn empty, and the instance lists would differ by that
+    # one instance (seen: a 133-pixel mask kept by one backend only).
+    keep_all = ("--nms-iou", "2")
     runs = {}
     for backend in ("graph", "pydensecrf"):
         code, output = infer(str(val_images), "-o", str(tmp_path / backend), "--bundle", str(trained_bundle),
-                             "--crf-backend", backend, "--no-progress")
+                             "--crf-backend", backend, *keep_all, "--no-progress")
         assert code == 0, output
         runs[backend] = sorted(json.loads((tmp_path / backend / "predictions.json").read_text()),
                                key=lambda p: (p["image_id"], p["peak"], p["category_id"]))
@@ -211,7 +215,7 @@ def test_crf_graph_backend_in_the_pipeline(trained_bundle, val_images, tmp_path)
     assert code != 0 and "coarse-to-fine schedule" in output
     # pydensecrf's own mean-field per instance: the default's instances, masks within its ties
     code, output = infer(str(val_images), "-o", str(tmp_path / "alone"), "--bundle", str(trained_bundle),
-                         "--crf-backend", "pydensecrf", "--crf-per-instance", "--no-progress")
+                         "--crf-backend", "pydensecrf", "--crf-per-instance", *keep_all, "--no-progress")
     assert code == 0, output
     alone = sorted(json.loads((tmp_path / "alone" / "predictions.json").read_text()),
                    key=lambda p: (p["image_id"], p["peak"], p["category_id"]))
