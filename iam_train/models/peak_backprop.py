@@ -209,9 +209,12 @@ class _BlockTape:
         out_mask = (self.out > 0).to(x.dtype)
         # Into the last conv's transpose, from the block's output gradient.
         self.entry = rules[-1].inv_norm * _bn_scale(bns[-1]) * out_mask
-        # Between transposes, last to first: after conv_{k+1}'s transpose, before conv_k's.
+        # Between transposes, last to first: after conv_{k+1}'s transpose, before conv_k's. The
+        # ReLU's derivative needs no mask of its own: conv_{k+1}'s input is a ReLU output (>= 0),
+        # so its shift m is 0 wherever the ReLU is (x - m is then 0 there) or else every x > 0:
+        # (x - m) * (x > 0) == x - m exactly.
         self.between = [
-            rules[k + 1].shifted * (inputs[k + 1] > 0).to(x.dtype) * _bn_scale(bns[k]) * rules[k].inv_norm
+            rules[k + 1].shifted * _bn_scale(bns[k]) * rules[k].inv_norm
             for k in reversed(range(len(convs) - 1))
         ]
         self.rules = rules
