@@ -6,7 +6,12 @@ import pytest
 import torch
 
 from iam_train.models.backbone import ResNetFCN
-from iam_train.models.peak_backprop import PeakBackprop, interpolation_matrix, reference_peak_response_maps
+from iam_train.models.peak_backprop import (
+    WINDOW_COVERAGE,
+    PeakBackprop,
+    interpolation_matrix,
+    reference_peak_response_maps,
+)
 from iam_train.models.peaks import find_peaks, upsample_crm
 
 from .conftest import randomise_batchnorm
@@ -99,3 +104,35 @@ def test_one_recorded_batch_gives_each_images_maps_and_the_networks_forward():
             peaks = found.coords[0, : found.counts[0]]
             assert len(peaks) > 0
             torch.testing.assert_close(tape.backward(peaks, i), bp(images[i : i + 1], peaks), rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_boxed_deep_blocks_give_the_whole_frames_maps(arch):
+    # The deep blocks run on each peak's box (Window) while it covers little of its frame: the same
+    # sums as on the whole frame. Peaks in the corners and on the edges put boxes past the frame's
+    # edge; coverage inf boxes every block (boxes larger than their frames, on both sides).
+    model, image, found = _model_and_peaks(arch, torch.float64, factor=8, size=128, peaks=4)
+    n = 128 // 32 * 8  # the upsampled CRM's side
+    edges = torch.tensor([[0, 0, 0], [1, n - 1, n - 1], [2, 0, n - 1], [3, n - 1, 3], [1, n // 2, n // 2 + 3]])
+    peaks = torch.cat([found, edges])
+    oracle = reference_peak_response_maps(model, image, peaks, upsample_factor=8)
+    with torch.no_grad():
+        tape = PeakBackprop(model, upsample_factor=8).record(image)
+        for coverage in (0.0, WINDOW_COVERAGE, float("inf")):
+            tape.window_coverage = coverage
+            ours = tape.backward(peaks)
+            rel = (ours - oracle).abs().amax(dim=(1, 2)) / oracle.abs().amax(dim=(1, 2))
+            assert (rel < TOLERANCE[torch.float64]).all(), (coverage, rel)
+
+
+def test_seed_boxes_hold_every_bilinear_weight():
+    # A peak's seed reaches at most 2 x 2 CRM cells; its box must hold all of them, on every
+    # row of the upsampled grid (the last rows put their weight on the last cell alone).
+    model, image, _ = _model_and_peaks("resnet18", torch.float64, factor=8, size=96)
+    tape = PeakBackprop(model, upsample_factor=8).record(image)
+    n = 3 * 8
+    grid = torch.stack(torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij"), -1).reshape(-1, 2)
+    peaks = torch.cat([torch.ones(len(grid), 1, dtype=torch.int64), grid], dim=1)
+    boxed, window = tape.seeds_window(peaks, torch.float64)
+    full = tape.seeds(peaks, torch.float64)
+    torch.testing.assert_close(window.to_frame(boxed), full, rtol=0, atol=0)

@@ -7,7 +7,9 @@
 * :class:`PeakBackprop` is the deployable form: the same rule written as explicit forward
   computation over the saved activations (Conv, ConvTranspose, Mul, Div, ReLU masks and
   max-pool routing by comparison with the pooled maximum). All peaks of an image go through in
-  one pass, and the normalisers are computed once per image. It exports to ONNX.
+  one pass, and the normalisers are computed once per image. In the deep layers, where a peak's
+  gradient still covers little of the feature map, each peak's pass runs on a box around it
+  (:class:`Window`). It exports to ONNX.
 
 Modified rule at a conv with input x, m = min(x), W+ = relu(W), N = conv(x - m, W+):
     g_in = (x - m) * conv_transpose(Z, W+),  Z = g_out / (|N| + eps), Z = 0 where N < eps.
@@ -27,6 +29,10 @@ from .backbone import BackboneOutput, ResNetFCN
 from .peaks import upsample_crm
 
 EPS = 1e-10
+# The deep blocks back-propagate on each peak's box while it covers less than this share of its
+# frame (0: always the whole frame). resnet50 at 448: layer4 and layer3 run on boxes of 2 x 2 to
+# 23 x 23 cells of 14 x 14 and 28 x 28, a third of the per-peak arithmetic.
+WINDOW_COVERAGE = 0.5
 
 
 def normalise_prm(input_grad: Tensor) -> Tensor:
@@ -118,6 +124,87 @@ def interpolation_matrix(size_out: int, size_in: int, dtype: torch.dtype, device
     return mat.to(dtype=dtype, device=device)
 
 
+class Window:
+    """Where each peak's gradient can be non-zero on one frame (the spatial grid of a tensor of the
+    backward pass): per peak a box at its own ``origin`` (P, 2) int64 (row, col), of a ``size``
+    that all peaks share. From a one-hot seed the gradient spreads by each conv's reach, so in the
+    deep layers the rule runs on these boxes instead of the whole frame: the same sums, since
+    outside a box every gradient is 0. A box may reach past the frame's edge; the factors it
+    gathers are 0 there, as the frame's zero padding, so nothing leaks in.
+
+    ``bounds``: per axis the lowest and highest origin any peak can have (static), from which
+    each gather knows how far to pad the frame."""
+
+    def __init__(self, origin: Tensor, size: tuple[int, int], frame: tuple[int, int],
+                 bounds: tuple[tuple[int, int], tuple[int, int]]):
+        self.origin, self.size, self.frame, self.bounds = origin, tuple(size), tuple(frame), bounds
+
+    @property
+    def coverage(self) -> float:
+        """The box's area over the frame's."""
+        return self.size[0] * self.size[1] / (self.frame[0] * self.frame[1])
+
+    def through(self, conv: nn.Conv2d, frame: tuple[int, int]) -> Window:
+        """The box of a conv's input gradient (``frame``: its input's size), given this box of its
+        output gradient: the whole transpose (no padding cropped) of every position in it."""
+        s, p, d, k = conv.stride, conv.padding, conv.dilation, conv.kernel_size
+        shift = torch.tensor(s, device=self.origin.device)
+        offset = torch.tensor(p, device=self.origin.device)
+        size = [(self.size[i] - 1) * s[i] + d[i] * (k[i] - 1) + 1 for i in range(2)]
+        bounds = tuple((lo * s[i] - p[i], hi * s[i] - p[i]) for i, (lo, hi) in enumerate(self.bounds))
+        return Window(self.origin * shift - offset, size, frame, bounds)
+
+    def union(self, other: Window) -> Window:
+        """The smallest box holding both (their relative offset is the same for every peak)."""
+        low = [min(a[0], b[0]) for a, b in zip(self.bounds, other.bounds)]
+        size = [max(a[0] + sa, b[0] + sb) - lo
+                for a, b, sa, sb, lo in zip(self.bounds, other.bounds, self.size, other.size, low)]
+        shift = torch.tensor([lo - a[0] for lo, a in zip(low, self.bounds)], device=self.origin.device)
+        bounds = tuple((lo, lo + a[1] - a[0]) for lo, a in zip(low, self.bounds))
+        return Window(self.origin + shift, size, self.frame, bounds)
+
+    def pad(self, t: Tensor, inner: Window) -> Tensor:
+        """(P, C, *inner.size) on ``inner``, a box inside this one -> (P, C, *self.size), zeros around."""
+        before = [i[0] - o[0] for i, o in zip(inner.bounds, self.bounds)]
+        after = [so - si - b for so, si, b in zip(self.size, inner.size, before)]
+        if before == [0, 0] and after == [0, 0]:
+            return t
+        return F.pad(t, (before[1], after[1], before[0], after[0]))
+
+    def _flat_index(self, width: int, margin: tuple[int, int]) -> Tensor:
+        """(P * h * w) row indices of every box position in a frame padded by ``margin`` (rows, cols)
+        before and flattened to rows of width ``width``, peak after peak."""
+        h, w = self.size
+        dev = self.origin.device
+        rows = self.origin[:, :1] + margin[0] + torch.arange(h, device=dev)  # (P, h)
+        cols = self.origin[:, 1:] + margin[1] + torch.arange(w, device=dev)  # (P, w)
+        return (rows[:, :, None] * width + cols[:, None, :]).flatten()
+
+    def gather(self, factor: Tensor) -> Tensor:
+        """One image's per-position factor (1, C, H, W) on the frame -> (P, C, h, w): its values in each
+        peak's box, 0 past the frame's edge."""
+        c, ww = factor.shape[1], self.frame[1]
+        before = [max(0, -lo) for lo, _ in self.bounds]
+        after = [max(0, hi + s - f) for (_, hi), s, f in zip(self.bounds, self.size, self.frame)]
+        padded = F.pad(factor, (before[1], after[1], before[0], after[0]))
+        table = padded.reshape(c, -1).transpose(0, 1)  # (Hp * Wp, C): a position's channels in a row
+        rows = table.index_select(0, self._flat_index(ww + before[1] + after[1], (before[0], before[1])))
+        return rows.view(-1, self.size[0], self.size[1], c).permute(0, 3, 1, 2)
+
+    def to_frame(self, t: Tensor) -> Tensor:
+        """(P, C, h, w) on this box -> (P, C, H, W) on the whole frame, zeros outside the box."""
+        p, c, h, w = t.shape
+        dev = t.device
+        rows = torch.arange(self.frame[0], device=dev) - self.origin[:, :1]  # (P, H): row in the box
+        cols = torch.arange(self.frame[1], device=dev) - self.origin[:, 1:]  # (P, W)
+        inside = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
+        local = rows.clamp(0, h - 1)[:, :, None] * w + cols.clamp(0, w - 1)[:, None, :]
+        peak = torch.arange(p, device=dev)[:, None, None] * (h * w)
+        index = torch.where(inside, local + peak, p * h * w)  # the last row of the table is zeros
+        table = torch.cat([t.permute(0, 2, 3, 1).reshape(p * h * w, c), t.new_zeros(1, c)])
+        return table.index_select(0, index.flatten()).view(p, self.frame[0], self.frame[1], c).permute(0, 3, 1, 2)
+
+
 def _image(factor: Tensor, index: int) -> Tensor:
     """Image ``index``'s slice (1, ...) of a per-image factor (B, ...); (1, ...) factors are shared."""
     return factor if factor.shape[0] == 1 else factor[index : index + 1]
@@ -147,9 +234,22 @@ class _ConvRule:
         ]
         return F.conv_transpose2d(z, self.pos_w, None, conv.stride, conv.padding, out_pad, conv.groups, conv.dilation)
 
+    def transpose_window(self, z: Tensor, window: Window) -> tuple[Tensor, Window]:
+        """(P, Cout, h, w) on ``window`` of the conv's output -> the whole transpose of it, (P, Cin,
+        h', w') on the returned window of the conv's input (nothing cropped: padding 0)."""
+        conv = self.conv
+        out = F.conv_transpose2d(z, self.pos_w, None, conv.stride, 0, 0, conv.groups, conv.dilation)
+        return out, window.through(conv, self.shifted.shape[2:])
+
     def __call__(self, grad: Tensor, index: int = 0) -> Tensor:
         """The whole rule for image ``index``, unfolded: g_in = (x - m) * conv_transpose(g_out / (|N| + eps))."""
         return _image(self.shifted, index) * self.transpose(grad * _image(self.inv_norm, index))
+
+    def on_window(self, grad: Tensor, window: Window, index: int = 0) -> tuple[Tensor, Window]:
+        """:meth:`__call__` on each peak's box: (P, Cout, h, w) on ``window`` -> the input's box and
+        (P, Cin, h', w') on it."""
+        g, win = self.transpose_window(grad * window.gather(_image(self.inv_norm, index)), window)
+        return win.gather(_image(self.shifted, index)) * g, win
 
 
 def _bn_scale(bn: nn.BatchNorm2d) -> Tensor:
@@ -237,6 +337,21 @@ class _BlockTape:
             return shifted * (g + self.shortcut.transpose(grad * _image(self.shortcut_entry, index)))
         return shifted * g + grad * _image(self.identity_mask, index)
 
+    def backward_window(self, grad: Tensor, window: Window, index: int = 0) -> tuple[Tensor, Window]:
+        """:meth:`backward` on each peak's box: (P, Cout, h, w) on ``window`` of the block output ->
+        (P, Cin, h', w') on the returned box of its input."""
+        g, win = self.rules[-1].transpose_window(grad * window.gather(_image(self.entry, index)), window)
+        for rule, factor in zip(reversed(self.rules[:-1]), self.between):
+            g, win = rule.transpose_window(g * win.gather(_image(factor, index)), win)
+        if self.shortcut is not None:
+            short, short_win = self.shortcut.transpose_window(
+                grad * window.gather(_image(self.shortcut_entry, index)), window)
+            out = win.union(short_win)
+            return out.gather(_image(self.shifted, index)) * (out.pad(g, win) + out.pad(short, short_win)), out
+        out = win.union(window)
+        identity = grad * window.gather(_image(self.identity_mask, index))
+        return out.gather(_image(self.shifted, index)) * out.pad(g, win) + out.pad(identity, window), out
+
 
 class PeakTape:
     """An image batch's forward pass through a :class:`ResNetFCN` (BatchNorm in eval mode) that
@@ -245,9 +360,10 @@ class PeakTape:
     :class:`BackboneOutput`, crm (B, C, h, w)), so peaks are found on the same pass that their
     backprop then uses; no image pays for its forward twice."""
 
-    def __init__(self, net: ResNetFCN, images: Tensor, upsample_factor: int = 1):
+    def __init__(self, net: ResNetFCN, images: Tensor, upsample_factor: int = 1,
+                 window_coverage: float = WINDOW_COVERAGE):
         conv1, bn1, _, pool = net.stem
-        self.net, self.upsample_factor = net, upsample_factor
+        self.net, self.upsample_factor, self.window_coverage = net, upsample_factor, window_coverage
         self.s1 = F.relu(bn1(conv1(images)))
         x = pool(self.s1)
         self.blocks, stages = [], []
@@ -271,12 +387,37 @@ class PeakTape:
         onehot = (peaks[:, :1] == torch.arange(c, device=peaks.device)).to(dtype)  # (P, C)
         return onehot[:, :, None, None] * (rows[:, :, None] * cols[:, None, :])[:, None]
 
+    def seeds_window(self, peaks: Tensor, dtype: torch.dtype) -> tuple[Tensor, Window]:
+        """:meth:`seeds` on each peak's box: bilinear weights reach at most 2 x 2 CRM cells,
+        from the first that a peak's interpolation row reaches. (P, C, 2, 2) and the box."""
+        _, c, h, w = self.features.crm.shape
+        f, dev = self.upsample_factor, peaks.device
+        size = (min(2, h), min(2, w))
+        weights, origin = [], []
+        for axis, (n, k) in enumerate(((h, size[0]), (w, size[1]))):
+            row = interpolation_matrix(n * f, n, dtype, dev)[peaks[:, 1 + axis]]  # (P, n)
+            first = (row != 0).to(torch.int64).argmax(dim=1).clamp(max=n - k)  # (P,)
+            weights.append(torch.gather(row, 1, first[:, None] + torch.arange(k, device=dev)))
+            origin.append(first)
+        onehot = (peaks[:, :1] == torch.arange(c, device=dev)).to(dtype)
+        seeds = onehot[:, :, None, None] * (weights[0][:, :, None] * weights[1][:, None, :])[:, None]
+        return seeds, Window(torch.stack(origin, dim=1), size, (h, w), ((0, h - size[0]), (0, w - size[1])))
+
     def backward(self, peaks: Tensor, index: int = 0) -> Tensor:
         """Image ``index``'s peaks (P, 3) int64 (class, y, x) on the upsampled CRM grid ->
-        (P, H, W) peak response maps, all peaks at once."""
+        (P, H, W) peak response maps, all peaks at once. The deep blocks run on each peak's box
+        (:class:`Window`) while it covers less than ``window_coverage`` of its frame."""
         dtype = self.s1.dtype
-        grad = self.head(self.seeds(peaks, dtype), index)
-        for block in reversed(self.blocks):
+        blocks = list(reversed(self.blocks))
+        window = None
+        if self.window_coverage > 0:
+            grad, window = self.head.on_window(*self.seeds_window(peaks, dtype), index)
+            while blocks and window.coverage < self.window_coverage:
+                grad, window = blocks.pop(0).backward_window(grad, window, index)
+            grad = window.to_frame(grad)
+        else:
+            grad = self.head(self.seeds(peaks, dtype), index)
+        for block in blocks:
             grad = block.backward(grad, index)
         grad = _maxpool_rule(self.net.stem[3], _image(self.s1, index), grad) * _image(self.stem_factor, index)
         return normalise_prm(self.input(grad, index))
@@ -291,14 +432,15 @@ class PeakBackprop(nn.Module):
     peaks and whose ``backward`` gives each image's maps.
     """
 
-    def __init__(self, backbone: ResNetFCN, upsample_factor: int = 1):
+    def __init__(self, backbone: ResNetFCN, upsample_factor: int = 1, window_coverage: float = WINDOW_COVERAGE):
         super().__init__()
         self.backbone = backbone
         self.upsample_factor = upsample_factor
+        self.window_coverage = window_coverage
 
     def record(self, images: Tensor) -> PeakTape:
         """(B, 3, H, W) -> the batch's :class:`PeakTape`."""
-        return PeakTape(self.backbone, images, self.upsample_factor)
+        return PeakTape(self.backbone, images, self.upsample_factor, self.window_coverage)
 
     def forward(self, image: Tensor, peaks: Tensor) -> Tensor:
         return self.record(image).backward(peaks)
