@@ -27,8 +27,28 @@ def time_call(fn: Callable[[], object], repeats: int, warmup: int = 1) -> dict[s
     return {"median_s": stats["median"], "p90_s": stats["p90"], "min_s": min(samples), "repeats": repeats}
 
 
+# The instruction sets that decide onnxruntime's fp32 and int8 kernels on x86.
+CPU_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16")
+
+
+def cpu_info() -> dict[str, object]:
+    """The processor's name and its relevant instruction sets (/proc/cpuinfo): machines of one
+    kind differ (an AMD EPYC, an Intel Xeon with AMX), and ratios compare only on one processor."""
+    cpuinfo = Path("/proc/cpuinfo")
+    model, flags = platform.processor() or None, set()
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    return {"model": model, "features": [f for f in CPU_FEATURES if f in flags]}
+
+
 def machine_info() -> dict[str, object]:
-    info: dict[str, object] = {"python": platform.python_version(), "cpus": os.cpu_count(), "machine": platform.machine()}
+    info: dict[str, object] = {"python": platform.python_version(), "cpus": os.cpu_count(), "machine": platform.machine(),
+                               "cpu": cpu_info()}
     try:
         import torch
 
