@@ -38,6 +38,11 @@ def test_shared_forward_gives_the_two_graphs_results(trained_bundle, photos):
     got, want = shared.detect(tensors), whole.detect(tensors)
     states = got.pop(FORWARD_STATE)
     assert len(states) == len(photos) and FORWARD_STATE not in want
+    # detect runs the forward pass alone: the rule's factors wait for an image's segment, so an
+    # image without peaks never computes them, and what waits between the two is the forward's
+    factors = set(shared.shared.factors.tail_outputs)
+    assert factors and all(not factors & set(state) for state in states)
+    assert "Conv" in {n.op_type for n in shared.shared.factors.tail.graph.node}  # the normalisers
     assert set(got) == set(want)
     np.testing.assert_array_equal(got["peak_counts"], want["peak_counts"])
     np.testing.assert_array_equal(got["peak_coords"], want["peak_coords"])
