@@ -76,7 +76,8 @@ class SharedForward:
         self.factor_stage = make_session(self.factors.tail.SerializeToString())
         self.state_names = [n for n in self.stages.carried if n not in self.stages.graph_inputs]
         # what detect keeps for segment: the forward's tensors the peak stage or the factors read
-        self.kept_names = [n for n in self.factors.head_names if n != SEGMENT_CRM]
+        self.kept_names = [n for n in self.factors.head_names
+                           if n != SEGMENT_CRM or n in self.factors.carried or n in self.state_names]
         if fused_propagation:
             from .propagation import FusedSegmentGraph
 
@@ -88,9 +89,9 @@ class SharedForward:
     def forward(self, image: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """One image (1, 3, S, S) -> its class response maps and the forward pass's state its peaks
         need (the factors are computed from it at :meth:`segment`)."""
-        names = [SEGMENT_CRM, *self.kept_names]
-        out = self.image_stage.run(names, {SEGMENT_INPUTS[0]: image})
-        return out[0], dict(zip(self.kept_names, out[1:]))
+        names = list(dict.fromkeys([SEGMENT_CRM, *self.kept_names]))
+        out = dict(zip(names, self.image_stage.run(names, {SEGMENT_INPUTS[0]: image})))
+        return out[SEGMENT_CRM], {n: out[n] for n in self.kept_names}
 
     def _with_factors(self, image: np.ndarray, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The peak stage's state: the forward's ``state`` and the factors computed from it."""
