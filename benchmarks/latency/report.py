@@ -30,7 +30,8 @@ def markdown_table(results: dict) -> str:
     c = results["config"]
     photos = f"{c['images']} images" + (f" ({c['distinct_images']} distinct photos)" if "distinct_images" in c else "")
     cpu = results["machine"].get("cpu") or {}
-    cpu = f" ({cpu.get('model')}; {', '.join(cpu.get('features') or []) or 'no AVX2'})" if cpu.get("model") else ""
+    features = ", ".join(cpu.get("features") or [])
+    cpu = f" ({cpu['model']}{': ' + features if features else ''})" if cpu.get("model") else ""
     lines = [f"{c['backbone']}@{c['image_size']}, {c['peaks']} peaks/image, T={c['steps']}, {photos}, "
              f"{results['machine'].get('cpus')} CPUs{cpu}, torch {results['machine'].get('torch')}",
              "", "| path | images/s | per image (s) | decode | detect | segment | CRF | write | speed-up"
