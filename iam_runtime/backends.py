@@ -68,6 +68,28 @@ def _tensorrt_libraries_present() -> bool:
     return False
 
 
+def _use_shared_cpu_arena(ort, options) -> None:
+    """Sessions made with ``options`` take their CPU memory from one arena shared by the process,
+    and plan it run by run.
+
+    Each session has its own arena otherwise, and memory one stage frees stays with it while
+    the next stage grows its own: resnet50@448, 5 peaks, the shared forward's sessions peaked
+    at 3.8 GB against 2.6 GB shared. And onnxruntime's memory pattern, recorded per input
+    shape, made the first two runs at each new number of peaks slow instead of the first
+    (the peak stage 1.7, 1.7, then 0.87 s): ten photos with 1 to 5 peaks each took 16.5 s
+    against 13.3 s with both changes, the same steady state."""
+    global _SHARED_CPU_ARENA
+    if not _SHARED_CPU_ARENA:
+        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+        ort.create_and_register_allocator(info, None)
+        _SHARED_CPU_ARENA = True
+    options.add_session_config_entry("session.use_env_allocators", "1")
+    options.enable_mem_pattern = False
+
+
+_SHARED_CPU_ARENA = False
+
+
 class OnnxRuntimeBackend:
     name = "onnxruntime"
 
@@ -116,6 +138,8 @@ class OnnxRuntimeBackend:
         # CRF worker processes need (measured: 4.2 s/image spinning vs 3.1 s not, 2 cores).
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.log_severity_level = 3
+        if not any(p in GPU_PROVIDERS for p in chosen):
+            _use_shared_cpu_arena(ort, so)
         def session(model):  # a path or a serialised model
             return ort.InferenceSession(model, sess_options=so, providers=chosen, provider_options=options)
 
