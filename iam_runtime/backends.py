@@ -144,6 +144,10 @@ class OnnxRuntimeBackend:
             return ort.InferenceSession(model, sess_options=so, providers=chosen, provider_options=options)
 
         self.fused_propagation = self._use_fused(propagation, chosen)
+        if self.fused_propagation:
+            from .propagation import load_kernel_in_background
+
+            kernel_loading = load_kernel_in_background()
         self.shared = self._shared_forward(bundle, share_forward, chosen, session, threads)
         if self.shared is not None:
             self.sessions = {"image": self.shared.image_stage}
@@ -167,6 +171,8 @@ class OnnxRuntimeBackend:
                 raise BackendError(message)
             log.warning(message)
         self.providers = actual
+        if self.fused_propagation:
+            kernel_loading.join()
 
     @staticmethod
     def _use_fused(propagation: str, providers: list[str]) -> bool:
