@@ -83,18 +83,29 @@ def _kernel():
     return propagate
 
 
+_KERNEL_LOAD_LOCK = threading.Lock()
+_KERNEL_LOADED = False
+
+
 def load_kernel_in_background() -> threading.Thread:
     """Start loading the compiled kernel (from numba's cache, or compiling it on a fresh install)
     in a daemon thread, and return the thread. onnxruntime releases the GIL while it sets up a
     session, so started before the sessions the load costs nothing (0.5 s from the cache on the
     first image otherwise, measured: resnet50@448's segment session took 1.9 s either way).
-    A failure here is left for the first real call to raise."""
+    A failure here is left for the first real call to raise. Loaded once per process: a later
+    backend's load would otherwise run beside an earlier one's kernel, which numba's workqueue
+    threading layer does not allow."""
 
     def load():
-        try:
-            propagate_affinity(np.zeros((1, 1, 2, 2), np.float32), np.zeros((1, 9, 2, 2), np.float32), 1)
-        except Exception as exc:  # noqa: BLE001 - the real call reports it
-            logging.getLogger(__name__).debug("loading the fused propagation kernel failed: %s", exc)
+        global _KERNEL_LOADED
+        with _KERNEL_LOAD_LOCK:
+            if _KERNEL_LOADED:
+                return
+            try:
+                propagate_affinity(np.zeros((1, 1, 2, 2), np.float32), np.zeros((1, 9, 2, 2), np.float32), 1)
+                _KERNEL_LOADED = True
+            except Exception as exc:  # noqa: BLE001 - the real call reports it
+                logging.getLogger(__name__).debug("loading the fused propagation kernel failed: %s", exc)
 
     thread = threading.Thread(target=load, name="iam-propagation-kernel", daemon=True)
     thread.start()
