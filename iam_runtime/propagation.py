@@ -174,10 +174,11 @@ class FusedSegmentGraph:
     same inputs and outputs as the whole graph's session."""
 
     def __init__(self, model: onnx.ModelProto, make_session, threads: int = 0):
-        """``make_session(model_bytes)`` -> an onnxruntime InferenceSession (the caller's options)."""
+        """``make_session(model)`` -> an onnxruntime InferenceSession of a cut graph's ModelProto
+        (the caller's options), which it may consume."""
         self.split = split_at_propagation(model)
-        self.head = make_session(self.split.head.SerializeToString())
-        self.tail = make_session(self.split.tail.SerializeToString())
+        self.head = make_session(self.split.head)
+        self.tail = make_session(self.split.tail)
         self.head_inputs = [i.name for i in self.split.head.graph.input]
         self.threads = threads
 

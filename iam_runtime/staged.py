@@ -53,7 +53,8 @@ class SharedForward:
 
     def __init__(self, detect: onnx.ModelProto, segment: onnx.ModelProto, make_session, fused_propagation: bool,
                  threads: int = 0):
-        """``make_session(model_bytes)`` -> an onnxruntime InferenceSession (the caller's options)."""
+        """``make_session(model)`` -> an onnxruntime InferenceSession of a cut graph's ModelProto
+        (the caller's options), which it may consume."""
         reason = shared_forward_unavailable(detect, segment)
         if reason:
             raise ValueError(reason)
@@ -72,8 +73,8 @@ class SharedForward:
         image = GraphIndex(self.stages.head)
         self.factors = partition(image, {id(n) for n in image.graph.node} - image.ancestors([SEGMENT_CRM]), [],
                                  name="image")
-        self.image_stage = make_session(self.factors.head.SerializeToString())  # the forward pass
-        self.factor_stage = make_session(self.factors.tail.SerializeToString())
+        self.image_stage = make_session(self.factors.head)  # the forward pass
+        self.factor_stage = make_session(self.factors.tail)
         self.state_names = [n for n in self.stages.carried if n not in self.stages.graph_inputs]
         # what detect keeps for segment: the forward's tensors the peak stage or the factors read
         self.kept_names = [n for n in self.factors.head_names
@@ -83,8 +84,8 @@ class SharedForward:
 
             self.peak_stage = FusedSegmentGraph(self.stages.tail, make_session, threads)
         else:
-            self.peak_stage = make_session(self.stages.tail.SerializeToString())
-        self.find_peaks = make_session(self.finder.tail.SerializeToString())
+            self.peak_stage = make_session(self.stages.tail)
+        self.find_peaks = make_session(self.finder.tail)
 
     def forward(self, image: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """One image (1, 3, S, S) -> its class response maps and the forward pass's state its peaks

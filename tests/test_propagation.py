@@ -59,7 +59,7 @@ def test_fused_segment_graph_gives_the_graphs_outputs(trained_bundle):
     split = split_at_propagation(model)
     assert split.parts.head_outputs == ["prm", "crm"] and split.parts.tail_outputs == ["iam"]
     assert not any(n.domain == "iam" for n in [*split.head.graph.node, *split.tail.graph.node])
-    fused = FusedSegmentGraph(model, lambda m: ort.InferenceSession(m, providers=["CPUExecutionProvider"]))
+    fused = FusedSegmentGraph(model, lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]))
     whole = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     size = bundle.manifest.input.size
     rng = np.random.default_rng(0)
