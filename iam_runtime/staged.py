@@ -95,10 +95,12 @@ class SharedForward:
         return out[SEGMENT_CRM], {n: out[n] for n in self.kept_names}
 
     def _with_factors(self, image: np.ndarray, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """The peak stage's state: the forward's ``state`` and the factors computed from it."""
-        feeds = {n: image if n == SEGMENT_INPUTS[0] else state[n] for n in self.factors.carried}
-        factors = dict(zip(self.factors.tail_outputs, self.factor_stage.run(self.factors.tail_outputs, feeds)))
-        return {n: factors[n] if n in factors else state[n] for n in self.state_names}
+        """The peak stage's state: the forward's ``state`` and the factors computed from it. The
+        factors are added to ``state``, so an image segmented in chunks of peaks computes them once."""
+        if not set(self.factors.tail_outputs) <= state.keys():
+            feeds = {n: image if n == SEGMENT_INPUTS[0] else state[n] for n in self.factors.carried}
+            state.update(zip(self.factors.tail_outputs, self.factor_stage.run(self.factors.tail_outputs, feeds)))
+        return {n: state[n] for n in self.state_names}
 
     def detect(self, images: np.ndarray) -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]]:
         """(B, 3, S, S) -> the detect graph's outputs and each image's state for :meth:`segment`."""
@@ -111,7 +113,8 @@ class SharedForward:
         return dict(zip(DETECT_OUTPUTS, out)), states
 
     def segment(self, image: np.ndarray, peaks: np.ndarray, state: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
-        """As the segment graph; ``state`` from :meth:`detect` (None: computed here)."""
+        """As the segment graph; ``state`` from :meth:`detect` (None: computed here), which keeps
+        the image's factors once computed (its later chunks of peaks reuse them)."""
         if state is None:
             state = self.forward(image)[1]
         feeds = {**dict(zip(SEGMENT_INPUTS, [image, peaks])), **self._with_factors(image, state)}

@@ -55,6 +55,8 @@ def test_shared_forward_gives_the_two_graphs_results(trained_bundle, photos):
             continue
         peaks = got["peak_coords"][i, :n]
         a, b = shared.segment(tensors[i : i + 1], peaks, state), whole.segment(tensors[i : i + 1], peaks)
+        assert factors <= set(state)  # computed once: a second chunk of this image's peaks reuses them
+        np.testing.assert_array_equal(shared.segment(tensors[i : i + 1], peaks, state)["iam"], a["iam"])
         for name in ("prm", "iam"):
             np.testing.assert_allclose(a[name], b[name], rtol=1e-4, atol=1e-5 * float(np.abs(b[name]).max()))
         # without the state from detect, segment computes it: the same maps
