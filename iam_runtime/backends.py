@@ -90,6 +90,18 @@ def _use_shared_cpu_arena(ort, options) -> None:
 _SHARED_CPU_ARENA = False
 
 
+def cut_graph_session(ort, model, options, **session_args):
+    """An InferenceSession of a cut graph's ModelProto (consumed), its large weights handed to
+    onnxruntime beside the serialised graph (:func:`~iam_runtime.graph_split.detach_weights`)."""
+    from .graph_split import detach_weights
+
+    data, weights = detach_weights(model)
+    # The OrtValues point into the arrays, which onnxruntime copies when it builds the session:
+    # ``weights`` must outlive that.
+    options.add_external_initializers(list(weights), [ort.OrtValue.ortvalue_from_numpy(w) for w in weights.values()])
+    return ort.InferenceSession(data, sess_options=options, **session_args)
+
+
 class OnnxRuntimeBackend:
     name = "onnxruntime"
 
@@ -145,10 +157,7 @@ class OnnxRuntimeBackend:
             if not any(p in GPU_PROVIDERS for p in chosen):
                 _use_shared_cpu_arena(ort, so)
             if not isinstance(model, str):
-                from .graph_split import detach_weights
-
-                model, weights = detach_weights(model)
-                so.add_external_initializers(list(weights), [ort.OrtValue.ortvalue_from_numpy(w) for w in weights.values()])
+                return cut_graph_session(ort, model, so, providers=chosen, provider_options=options)
             return ort.InferenceSession(model, sess_options=so, providers=chosen, provider_options=options)
 
         self.fused_propagation = self._use_fused(propagation, chosen)
