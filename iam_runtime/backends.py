@@ -252,7 +252,8 @@ class OnnxRuntimeBackend:
         return dict(zip(DETECT_OUTPUTS, out))
 
     def segment(self, image: np.ndarray, peaks: np.ndarray, state: dict | None = None) -> dict[str, np.ndarray]:
-        """``state``: the image's entry of detect's :data:`FORWARD_STATE` (None: computed here)."""
+        """``state``: the image's entry of detect's :data:`FORWARD_STATE`; an empty dict is filled
+        here, for the image's later chunks of peaks (None: computed and dropped)."""
         if self.shared is not None:
             return self.shared.segment(image, peaks, state)
         out = self.sessions["segment"].run(list(SEGMENT_OUTPUTS), dict(zip(SEGMENT_INPUTS, [image, peaks])))

@@ -220,8 +220,9 @@ class Segmenter:
         """One image's (3, S, S) input and its peaks -> (P, S, S) float32 activation maps. Takes
         (and releases) the forward pass ``detect`` kept on ``peaks``, where the engine shares it;
         peaks another segmenter found (another bundle, say: its state's tensors are its graphs')
-        are segmented on this engine's own forward pass, and keep their state for their own."""
-        state = None
+        are segmented on this engine's own forward pass, computed once for all their chunks, and
+        keep their state for their own."""
+        state: dict = {}
         if peaks.forward_engine is self.backend:
             state, peaks.forward, peaks.forward_engine = peaks.forward, None, None
         if not len(peaks):

@@ -113,10 +113,15 @@ class SharedForward:
         return dict(zip(DETECT_OUTPUTS, out)), states
 
     def segment(self, image: np.ndarray, peaks: np.ndarray, state: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
-        """As the segment graph; ``state`` from :meth:`detect` (None: computed here), which keeps
-        the image's factors once computed (its later chunks of peaks reuse them)."""
-        if state is None:
-            state = self.forward(image)[1]
+        """As the segment graph; ``state`` from :meth:`detect`, which keeps the image's factors once
+        computed (its later chunks of peaks reuse them). An empty dict is filled with the image's
+        forward pass here, for its later chunks; with None that pass is computed and dropped."""
+        if not state:
+            fresh = self.forward(image)[1]
+            if state is None:
+                state = fresh
+            else:
+                state.update(fresh)
         feeds = {**dict(zip(SEGMENT_INPUTS, [image, peaks])), **self._with_factors(image, state)}
         names = list(SEGMENT_OUTPUTS)
         out = self.peak_stage.run(names, {k: feeds[k] for k in [*self.stages.fed, *self.stages.carried]})

@@ -61,6 +61,13 @@ def test_shared_forward_gives_the_two_graphs_results(trained_bundle, photos):
             np.testing.assert_allclose(a[name], b[name], rtol=1e-4, atol=1e-5 * float(np.abs(b[name]).max()))
         # without the state from detect, segment computes it: the same maps
         np.testing.assert_array_equal(shared.segment(tensors[i : i + 1], peaks)["iam"], a["iam"])
+        # an empty state is filled for the image's later chunks (peaks another segmenter found)
+        filled: dict = {}
+        np.testing.assert_array_equal(shared.segment(tensors[i : i + 1], peaks, filled)["iam"], a["iam"])
+        assert set(shared.shared.kept_names) | factors <= set(filled)
+        kept = dict(filled)
+        np.testing.assert_array_equal(shared.segment(tensors[i : i + 1], peaks, filled)["iam"], a["iam"])
+        assert all(filled[k] is v for k, v in kept.items())  # reused, not computed again
 
 
 def test_segmenter_consumes_the_state_and_matches_whole_graphs(trained_bundle, photos):
