@@ -168,6 +168,34 @@ def test_conv_transpose_rewrite_is_exact():
     np.testing.assert_allclose(after, before, rtol=1e-4, atol=1e-4 * np.abs(before).max())
 
 
+class _RuleNormaliser(torch.nn.Module):
+    """x (1, 1, 1, W) -> the rule's 1 / (|N| + eps) (0 where N < eps) at a 1x1 conv of weight 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 1, 1, bias=False)
+        torch.nn.init.ones_(self.conv.weight)
+
+    def forward(self, x):
+        from iam_train.models.peak_backprop import _ConvRule
+
+        return _ConvRule(self.conv, x).inv_norm
+
+
+def test_exported_rule_keeps_its_eps():
+    """torch.onnx.export's optimizer takes x + c for a no-op when c is a scalar under 1e-8: the rule's
+    eps (1e-10) must reach the graph, where N (here x - min x) is within a few decades of it."""
+    from iam_export.export_onnx import _export
+
+    x = torch.tensor([[[[0.0, 5e-11, 1e-10, 2e-10, 1e-9, 1e-8, 1e-6, 1.0]]]])
+    model = _export(_RuleNormaliser().eval(), (x,), None, ["x"], ["inv_norm"], 20)
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    with torch.no_grad():
+        want = _RuleNormaliser().eval()(x).numpy()
+    assert want[0, 0, 0, 2] == pytest.approx(5e9, rel=1e-6)  # 1 / (1e-10 + 1e-10), not 1 / 1e-10
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
 class _PeaksOnly(torch.nn.Module):
     def __init__(self, **kw):
         super().__init__()

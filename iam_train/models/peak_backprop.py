@@ -222,8 +222,11 @@ class _ConvRule:
         norm = F.conv2d(self.shifted, self.pos_w, None, conv.stride, conv.padding, conv.dilation, conv.groups)
         # 0 where N < eps, written as a mask product: the same numbers as a select, and in
         # onnxruntime a Mul instead of a Where over a materialised zero tensor (26 % of the
-        # forward half's time at resnet50@448)
-        self.inv_norm = (norm >= EPS).to(norm.dtype) * (1.0 / (norm.abs() + EPS))
+        # forward half's time at resnet50@448). The eps added is a one-element vector, not a
+        # scalar: torch.onnx.export's optimizer (onnxscript's no-op rules) drops x + c from the
+        # graph for a scalar |c| < 1e-8, and the graph would then compute 1 / |N|.
+        eps = torch.full((1,), EPS, dtype=norm.dtype, device=norm.device)
+        self.inv_norm = (norm >= EPS).to(norm.dtype) * (1.0 / (norm.abs() + eps))
 
     def transpose(self, z: Tensor) -> Tensor:
         """(P, Cout, Ho, Wo) -> (P, Cin, H, W): conv_transpose with W+, sized to the input."""
