@@ -68,6 +68,9 @@ def _tensorrt_libraries_present() -> bool:
     return False
 
 
+_SHARED_CPU_ARENA = False  # registered with onnxruntime's environment, once per process
+
+
 def _use_shared_cpu_arena(ort, options) -> None:
     """Sessions made with ``options`` take their CPU memory from one arena shared by the process,
     and plan it run by run.
@@ -85,9 +88,6 @@ def _use_shared_cpu_arena(ort, options) -> None:
         _SHARED_CPU_ARENA = True
     options.add_session_config_entry("session.use_env_allocators", "1")
     options.enable_mem_pattern = False
-
-
-_SHARED_CPU_ARENA = False
 
 
 def cut_graph_session(ort, model, options, **session_args):

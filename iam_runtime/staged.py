@@ -116,12 +116,10 @@ class SharedForward:
         """As the segment graph; ``state`` from :meth:`detect`, which keeps the image's factors once
         computed (its later chunks of peaks reuse them). An empty dict is filled with the image's
         forward pass here, for its later chunks; with None that pass is computed and dropped."""
+        if state is None:
+            state = {}  # computed for this call only
         if not state:
-            fresh = self.forward(image)[1]
-            if state is None:
-                state = fresh
-            else:
-                state.update(fresh)
+            state.update(self.forward(image)[1])
         feeds = {**dict(zip(SEGMENT_INPUTS, [image, peaks])), **self._with_factors(image, state)}
         names = list(SEGMENT_OUTPUTS)
         out = self.peak_stage.run(names, {k: feeds[k] for k in [*self.stages.fed, *self.stages.carried]})
